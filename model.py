@@ -1,0 +1,727 @@
+"""
+One GPT (Llama-style) model for positional-encoding research; the positional encoding (PE) is a config field.
+
+Architecture (the GRAPE reference model, arXiv 2512.07805):
+    tokens -> tied embedding (vocab 50304, no position embedding)
+           -> n_layer x [ h += Attn(RMSNorm(h)) ; h += SwiGLU(RMSNorm(h)) ]
+           -> RMSNorm -> LM head (the embedding matrix) -> logits in fp32
+    RMSNorm computes in fp32 (eps 1e-5, learnable gain). No biases, no dropout.
+    Attention: c_q, c_k, c_v (C -> H*D), optional KV-shift on k and v, per-head QK RMSNorm whose D-sized gain
+    is shared by all heads, softmax attention with scale 1/sqrt(D), c_proj (H*D -> C).
+    SwiGLU: c_proj(silu(c_fc1 x) * c_fc2 x) with hidden width floor(8C/3).
+
+Positional encodings. A PE plays up to two roles, each a small class below:
+    rotary    acts on q and k before their dot product:        RoPE, GrapeM, GrapeMCtx
+    additive  adds b_h(i, j) to the logit after the 1/sqrt(D): ALiBi, FoX, GrapeA (q/k/qk), GrapeAP
+so that logit_h(i, j) = <R(i) q_i, R(j) k_j> / sqrt(D) + b_h(i, j) for j <= i (and -inf for j > i).
+`GPTConfig.pos_encoding` names one PE ("rope", "alibi", ...), "nope" for neither, or a composition
+"rotary+additive" (e.g. "grape_m+grape_ap", GRAPE paper App. E).
+
+The interface a PE implements (so that new PEs slot in without touching the model):
+    Rotary.angles(x, positions, cache) -> phi   fp32 angles broadcastable to (B, T, H, D/2); the base class
+                                                rotates each half-split pair (m, m + D/2) of q and k by -phi.
+    Additive.features(x, q, k, v, positions, cache) -> (q_feats, k_feats)
+                                                per-token tensors laid out (B, H, T, ...); k_feats are appended
+                                                to the KV cache, so decoding never recomputes past tokens.
+    Additive.bias(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq, Tk) fp32 logit term, read where k_pos <= q_pos.
+There is exactly one attention entry point (CausalSelfAttention.attend). It builds the additive term for the
+current call only; nothing of size T x T is ever kept across calls or layers.
+
+Conventions shared with the reference code (so that the same weights give the same logits):
+    * rotation pairs are half-split, (m, m + D/2), and each pair is rotated by -phi (HF rotates by +phi);
+    * the rotary PE is applied before QK-norm (`qk_norm_before_rotary=False`). That order breaks the exact
+      relative law once the QK-norm gains move away from 1; `qk_norm_before_rotary=True` keeps it exact;
+    * additive PEs use the QK-normed (un-rotated) q and k where they read q or k;
+    * ALiBi slopes follow the ALiBi paper's recipe, including head counts that are not powers of two.
+Deliberate departures from the reference code, each exact in real arithmetic:
+    * KV-shift at decoding: the first token is mixed with a zero predecessor, as in training (the reference
+      returns a lone first token unmixed, so its cached and full forwards disagree).
+    * GRAPE-M-ctx: the cumulative phase is summed in fp64 (then rounded to fp32), not in fp32.
+    * GRAPE-AP: the path sum b(t, j) = sum_{l=j+1..t} psi(t, l) is a reverse cumulative sum instead of
+      "row total - inclusive cumsum", which loses ~1e-4 in fp32 once row totals reach 1e3; its probes are kept
+      in fp32 (they are 8-dimensional, so this costs nothing).
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROTARY_PES = ("rope", "grape_m", "grape_m_ctx")
+ADDITIVE_PES = ("alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap")
+GRAPE_AP_TIES = ("none", "q", "k", "v")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 6
+    n_embd: int = 768
+    head_dim: int = 128
+    block_size: int = 1024  # training context length; longer inputs are allowed (extrapolation studies)
+    pos_encoding: str = "rope"  # one of ROTARY_PES, ADDITIVE_PES, "nope", or "rotary+additive"
+    kv_shift: bool = False  # data-dependent KV-shift on c_k and c_v (FoX "Pro" ShiftLinear)
+    qk_norm: bool = True
+    qk_norm_before_rotary: bool = False  # False = reference order (rotate, then normalise)
+    norm_eps: float = 1e-5
+    embedding_init_std: float = 0.02
+    hidden_init_std_factor: float = 0.5  # sigma_h = factor / sqrt(n_embd); residual outputs sigma_h / sqrt(n_layer)
+    rope_base: float = 10000.0  # RoPE base; also the initial spectrum of GRAPE-M (the reference's grape_base)
+    # GRAPE-M (paper §3.1; reference llama-mha-grape-m-nonctx / -ctx)
+    grape_learnable_freq: bool = True
+    grape_share_across_heads: bool = True  # one spectrum per layer (True) or one per head
+    grape_log_freq_scale: float = 16.0  # theta = exp(lambda / scale): Adam's step on log(theta) shrinks by scale
+    grape_ctx_per_head: bool = False  # GRAPE-M-ctx: one contextual phase per layer (False) or per head
+    grape_ctx_init_omega: float = 1e-3  # phase-gate bias = softplus^-1(this)
+    grape_ctx_omega_scale: float = 16.0  # omega_t = sigmoid((w.x_t + b) / scale)
+    # GRAPE-A (paper §4; reference llama-mha-grape-a-*gated)
+    grape_a_omega_init: float = 1.0  # softplus(omega) at init
+    grape_a_gate_init_std: float | None = None  # std of the gate directions u, v; None -> 1/sqrt(head_dim)
+    grape_a_gate_l2_norm: bool = True  # use u/|u| and v/|v|
+    grape_a_gate_l2_eps: float = 1e-6
+    # GRAPE-AP (paper §5; reference llama-mha-grape-ap-v1)
+    grape_ap_p_head_dim: int = 8  # probe width (untied); tied probes use head_dim
+    grape_ap_tie: str = "none"  # probe source: own projection c_p, or the normed q, normed k, or v
+    grape_ap_query_norm: bool = False  # False = reference (raw query probe); True = paper eq. 5.1 (both normalised)
+
+    def __post_init__(self):
+        rotary, additive = split_pos_encoding(self.pos_encoding)
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if rotary and self.head_dim % 2:
+            raise ValueError(f"GPTConfig.head_dim must be even for rotary pos_encoding "
+                             f"{self.pos_encoding!r}, got {self.head_dim}")
+        if self.grape_ap_tie not in GRAPE_AP_TIES:
+            raise ValueError(f"GPTConfig.grape_ap_tie must be one of {GRAPE_AP_TIES}, got {self.grape_ap_tie!r}")
+        if additive == "grape_ap" and self.grape_ap_tie == "none":
+            if self.grape_ap_p_head_dim <= 0 or self.grape_ap_p_head_dim % 2:
+                raise ValueError(f"GPTConfig.grape_ap_p_head_dim must be a positive even int, "
+                                 f"got {self.grape_ap_p_head_dim}")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The paper's sizes: PRESETS[name] with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+PRESETS = {
+    # GRAPE paper §6.1: 353,508,352 (medium) and 772,234,496 (large) parameters with RoPE.
+    "medium": dict(n_layer=24, n_head=8, n_embd=1024, head_dim=128, block_size=4096),
+    "large": dict(n_layer=36, n_head=10, n_embd=1280, head_dim=128, block_size=4096),
+}
+
+
+def split_pos_encoding(name):
+    """'rope' -> ('rope', None); 'alibi' -> (None, 'alibi'); 'grape_m+grape_ap' -> ('grape_m', 'grape_ap')."""
+    if not isinstance(name, str):
+        raise ValueError(f"GPTConfig.pos_encoding must be a string, got {name!r}")
+    if name == "nope":
+        return None, None
+    parts = name.split("+")
+    if len(parts) == 1:
+        if name in ROTARY_PES:
+            return name, None
+        if name in ADDITIVE_PES:
+            return None, name
+    elif len(parts) == 2 and parts[0] in ROTARY_PES and parts[1] in ADDITIVE_PES:
+        return parts[0], parts[1]
+    raise ValueError(f"unknown GPTConfig.pos_encoding {name!r}; expected 'nope', one of {ROTARY_PES + ADDITIVE_PES}, "
+                     f"or 'rotary+additive' with rotary in {ROTARY_PES} and additive in {ADDITIVE_PES}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Numerical helpers shared by several PEs
+
+
+def rms_norm(x, weight=None, eps=1e-5):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in x's dtype."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def rotate_half_split(x, cos, sin):
+    """Rotate each pair (x_m, x_{m+d/2}) of the last axis by -phi (the reference's sign):
+    a' = a cos(phi) + b sin(phi),  b' = -a sin(phi) + b cos(phi).
+    cos, sin: fp32, broadcastable to x.shape[:-1] + (d/2,). Computed in fp32, returned in x's dtype."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((a * cos + b * sin, b * cos - a * sin), dim=-1).to(x.dtype)
+
+
+def rope_inv_freq(dim, base, device=None):
+    """theta_m = base^(-2m/dim), m = 0 .. dim/2 - 1, fp32 (RoPE's log-uniform spectrum)."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def alibi_slopes(n_head):
+    """ALiBi's fixed per-head slopes (Press et al., 2022). For a power of two n: 2^(-8/n), 2^(-16/n), ..., 2^-8.
+    Otherwise the slopes of the closest lower power of two P, then every other slope of the 2P recipe
+    (indices 0, 2, 4, ...) up to n heads. H = 10: [2^-1 .. 2^-8, 2^-0.5, 2^-1.5]."""
+    def power_of_two(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+    if math.log2(n_head).is_integer():
+        return power_of_two(n_head)
+    p = 2 ** math.floor(math.log2(n_head))
+    return power_of_two(p) + power_of_two(2 * p)[0::2][: n_head - p]
+
+
+def inv_softplus(y):
+    """softplus^-1(y) = log(exp(y) - 1), for y > 0."""
+    return math.log(math.expm1(y))
+
+
+def causal_mask(q_pos, k_pos):
+    """True where key position > query position (the entries to hide)."""
+    return k_pos[None, :] > q_pos[:, None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Norm and KV-shift
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class ShiftLinear(nn.Module):
+    """Data-dependent KV-shift (FoX "Pro" ShiftLinear; cf. KV Shifting Attention, Xu et al. 2024).
+    y_t = W x_t, alpha_{t,h} = sigmoid(shift_proj(x_t)_h) (fp32), and per head h
+        out_{t,h} = alpha_{t,h} * y_{t-1,h} + (1 - alpha_{t,h}) * y_{t,h},   y_{-1} = `prev` or 0.
+    Mixing in fp32, output in y's dtype. Returns (out, y_last): y_last is the un-shifted projection of the last
+    token, the state the next decoding step needs."""
+
+    def __init__(self, in_features, out_features, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.shift_proj = nn.Linear(in_features, n_head, bias=False)
+
+    def forward(self, x, prev=None):
+        B, T, _ = x.shape
+        y = self.linear(x)
+        alpha = torch.sigmoid(self.shift_proj(x).float()).unsqueeze(-1)  # (B, T, H, 1)
+        first = torch.zeros_like(y[:, :1]) if prev is None else prev[:, None].to(y.dtype)
+        y_prev = torch.cat((first, y[:, :-1]), dim=1)
+        heads = (B, T, self.n_head, -1)
+        out = alpha * y_prev.float().view(heads) + (1.0 - alpha) * y.float().view(heads)
+        return out.to(y.dtype).view_as(y), y[:, -1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary PEs: rotate q and k by angles phi; the base class does the rotation, subclasses give phi.
+
+
+class Rotary(nn.Module):
+    def angles(self, x, positions, cache):
+        raise NotImplementedError
+
+    def forward(self, q, k, x, positions, cache=None):
+        """q, k: (B, T, H, D); x: the attention input (B, T, C); positions: (T,) absolute positions."""
+        phi = self.angles(x, positions, cache)
+        cos, sin = phi.cos(), phi.sin()
+        return rotate_half_split(q, cos, sin), rotate_half_split(k, cos, sin)
+
+
+class RoPE(Rotary):
+    """RoPE (Su et al., 2021): phi_{t,m} = t * base^(-2m/D). No parameters; q_i.k_j depends on i - j only."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.head_dim, self.base = cfg.head_dim, cfg.rope_base
+
+    def angles(self, x, positions, cache):
+        inv_freq = rope_inv_freq(self.head_dim, self.base, positions.device)
+        return (positions.float()[:, None] * inv_freq)[None, :, None, :]  # (1, T, 1, D/2)
+
+
+class GrapeM(Rotary):
+    """Multiplicative GRAPE on the canonical coordinate planes (paper §3.1, Prop. 3.1) with a learnable spectrum:
+    G(n) = exp(n sum_m theta_m L_m) rotates plane m by n * theta_m, phi_{t,h,m} = t * theta_{h,m}.
+    theta = exp(lambda / S) with lambda initialised to S * log(RoPE spectrum), so at init GRAPE-M == RoPE.
+    S = grape_log_freq_scale (16) shrinks Adam's effective step on log(theta) by S (the reference's
+    "lr-scaling trick"). lambda has shape (D/2,) shared by all heads of the layer, or (H, D/2)."""
+
+    keep_init = ("log_freq",)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.scale = cfg, cfg.grape_log_freq_scale
+        shape = (cfg.head_dim // 2,) if cfg.grape_share_across_heads else (cfg.n_head, cfg.head_dim // 2)
+        log_freq = torch.empty(shape)
+        if cfg.grape_learnable_freq:
+            self.log_freq = nn.Parameter(log_freq)
+        else:
+            self.register_buffer("log_freq", log_freq)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        spectrum = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_base, self.log_freq.device)
+        self.log_freq.copy_((self.scale * spectrum.log()).expand_as(self.log_freq))
+
+    def frequencies(self):
+        return (self.log_freq.float() / self.scale).exp()
+
+    def angles(self, x, positions, cache):
+        return (positions.float()[:, None, None] * self.frequencies())[None]  # (1, T, 1|H, D/2)
+
+
+class GrapeMCtx(Rotary):
+    """Contextual multiplicative GRAPE ("phase-modulated", paper §3 / reference llama-mha-grape-m-ctx):
+    positions are replaced by a cumulative, token-dependent phase
+        omega_t = sigmoid((w . x_t + b) / s),   Phi_t = sum_{tau < t} omega_tau,   phi_{t,h,m} = Phi_t * theta_m,
+    so q_i.k_j depends on Phi_i - Phi_j only. theta = exp(lambda), lambda = log(RoPE spectrum) at init (no scaling
+    here). w starts at 0 and b = softplus^-1(1e-3), i.e. omega_t = sigmoid(-6.9073 / 16) = 0.3937 for every token
+    at init (the reference's comment says ~1e-3, which was true of an older softplus gate; the code is followed).
+    Decoding keeps the running total Phi in the cache."""
+
+    keep_init = ("log_freq", "omega_proj.weight")
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        shape = (cfg.head_dim // 2,) if cfg.grape_share_across_heads else (cfg.n_head, cfg.head_dim // 2)
+        log_freq = torch.empty(shape)
+        if cfg.grape_learnable_freq:
+            self.log_freq = nn.Parameter(log_freq)
+        else:
+            self.register_buffer("log_freq", log_freq)
+        self.omega_proj = nn.Linear(cfg.n_embd, cfg.n_head if cfg.grape_ctx_per_head else 1, bias=True)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        spectrum = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_base, self.log_freq.device)
+        self.log_freq.copy_(spectrum.log().expand_as(self.log_freq))
+        nn.init.zeros_(self.omega_proj.weight)
+        nn.init.constant_(self.omega_proj.bias, inv_softplus(self.cfg.grape_ctx_init_omega))
+
+    def frequencies(self):
+        return self.log_freq.float().exp()
+
+    def phase(self, x, cache=None):
+        """Phi (B, T, 1|H) fp32: the exclusive prefix sum of omega, continued from the cache's running total."""
+        omega = torch.sigmoid(self.omega_proj(x).float() / self.cfg.grape_ctx_omega_scale).double()
+        # fp64 prefix sum (a (B, T, 1) tensor, so free): an fp32 running sum drifts like sqrt(T) * eps * Phi,
+        # which at Phi ~ 1e3 is far above the fp32 rounding of Phi itself; it also makes cached == full.
+        phase = omega.cumsum(1) - omega
+        if cache is not None:
+            if "phase" in cache.state:
+                phase = phase + cache.state["phase"][:, None]
+            cache.state["phase"] = phase[:, -1] + omega[:, -1]
+        return phase.float()
+
+    def angles(self, x, positions, cache):
+        return self.phase(x, cache)[..., None] * self.frequencies()  # (B, T, 1|H, D/2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Additive PEs: a logit term b_h(i, j), built from per-token features.
+
+
+class Additive(nn.Module):
+    def features(self, x, q, k, v, positions, cache):
+        """Per-token quantities for the new tokens, laid out (B, H, T, ...): (q_feats, k_feats).
+        q, k: QK-normed, un-rotated (B, T, H, D); v: (B, T, H, D); cache: this layer's cache or None."""
+        return {}, {}
+
+    def bias(self, q_feats, k_feats, q_pos, k_pos):
+        raise NotImplementedError
+
+
+class ALiBi(Additive):
+    """ALiBi (Press et al., 2022): b_h(i, j) = -s_h (i - j), s_h = alibi_slopes(H). GRAPE paper §4.2: the exact
+    GL(d+2) unipotent lift q^ = [q; 1; 0], k^ = [k; 0; 1], A_h = -s_h e_{d+2} e_{d+1}^T."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.register_buffer("slopes", torch.empty(cfg.n_head), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        self.slopes.copy_(torch.tensor(alibi_slopes(self.slopes.numel())))
+
+    def bias(self, q_feats, k_feats, q_pos, k_pos):
+        dist = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
+        return -(self.slopes[:, None, None] * dist)[None]  # (1, H, Tq, Tk)
+
+
+class FoX(Additive):
+    """Forgetting Transformer (Lin et al., 2025): a data-dependent forget gate per token and head,
+        log f_{t,h} = logsigmoid(w_h . x_t + c_h) (fp32),  c_t = sum_{l <= t} log f_l (fp32 cumsum),
+        b_h(i, j) = c_i - c_j = sum_{l=j+1..i} log f_l   (GRAPE-A with endpoint-independent edges, paper App. C).
+    Gate: Linear(C -> H) with bias; weight by the global init, bias 0, so f ~ 0.5 at init. Decoding caches c_j."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fgate = nn.Linear(cfg.n_embd, cfg.n_head, bias=True)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.zeros_(self.fgate.bias)
+
+    def features(self, x, q, k, v, positions, cache):
+        log_f = F.logsigmoid(self.fgate(x).float()).transpose(1, 2)  # (B, H, T)
+        c = log_f.cumsum(-1)
+        if cache is not None and "c" in cache.feats:
+            c = c + cache.feats["c"][..., -1:]
+        return {"c": c}, {"c": c}
+
+    def bias(self, q_feats, k_feats, q_pos, k_pos):
+        return q_feats["c"][..., :, None] - k_feats["c"][..., None, :]
+
+
+class GrapeA(Additive):
+    """Additive GRAPE with content gates (paper §4, eq. 4.6; reference llama-mha-grape-a-{query,key,querykey}gated):
+        b_h(i, j) = -(i - j) * softplus(omega_h) * s_h * r_h(i, j),
+        r = g_q(i) (gate "q"), g_k(j) (gate "k"), or g_q(i) + g_k(j) (gate "qk"),
+        g_q(i) = softplus(q^_i . v^_h / sqrt(D)), g_k(j) = softplus(k^_j . u^_h / sqrt(D)),
+    q^, k^ the QK-normed q, k; u^ = u / max(|u|, eps) (likewise v); s_h the ALiBi slopes (a fixed per-head multiplier
+    the reference adds to the paper's omega). Init: softplus(omega) = 1, u, v ~ N(0, 1/D), so b ~ 0.69 x ALiBi
+    (1.39 x for "qk") at init. Decoding caches g_k(j)."""
+
+    keep_init = ("u", "v")
+
+    def __init__(self, cfg, gate):
+        super().__init__()
+        assert gate in ("q", "k", "qk")
+        self.cfg, self.gate = cfg, gate
+        H, D = cfg.n_head, cfg.head_dim
+        self.omega = nn.Parameter(torch.empty(H))
+        if "q" in gate:
+            self.v = nn.Parameter(torch.empty(H, D))
+        if "k" in gate:
+            self.u = nn.Parameter(torch.empty(H, D))
+        self.register_buffer("slopes", torch.empty(H), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        cfg = self.cfg
+        self.omega.fill_(inv_softplus(max(cfg.grape_a_omega_init, 1e-8)))
+        std = cfg.grape_a_gate_init_std if cfg.grape_a_gate_init_std is not None else cfg.head_dim ** -0.5
+        for name in ("u", "v"):
+            if hasattr(self, name):
+                nn.init.normal_(getattr(self, name), 0.0, std)
+        self.slopes.copy_(torch.tensor(alibi_slopes(cfg.n_head)))
+
+    def _gate(self, t, direction):
+        if self.cfg.grape_a_gate_l2_norm:
+            direction = F.normalize(direction.float(), dim=-1, eps=self.cfg.grape_a_gate_l2_eps)
+        dot = torch.einsum("bthd,hd->bht", t.float(), direction.float())
+        return F.softplus(dot / math.sqrt(self.cfg.head_dim))  # (B, H, T)
+
+    def features(self, x, q, k, v, positions, cache):
+        q_feats = {"g": self._gate(q, self.v)} if "q" in self.gate else {}
+        k_feats = {"g": self._gate(k, self.u)} if "k" in self.gate else {}
+        return q_feats, k_feats
+
+    def bias(self, q_feats, k_feats, q_pos, k_pos):
+        dist = (q_pos[:, None] - k_pos[None, :]).float()
+        rate = 0.0
+        if "q" in self.gate:
+            rate = rate + q_feats["g"][..., :, None]
+        if "k" in self.gate:
+            rate = rate + k_feats["g"][..., None, :]
+        kappa = F.softplus(self.omega.float()) * self.slopes  # (H,)
+        return -(dist * kappa[:, None, None]) * rate  # (B, H, Tq, Tk)
+
+
+class GrapeAP(Additive):
+    """Path-integral additive GRAPE (paper §5; reference llama-mha-grape-ap-v1):
+        e_h(t, l)   = <p_{t,h}, R_l p^_{l,h}> / d_p             (query probe p_t, normalised rotated key probe)
+        psi_h(t, l) = s_h * logsigmoid(e_h(t, l)) <= 0
+        b_h(t, j)   = sum_{l=j+1..t} psi_h(t, l)                 (b(t, t) = 0; psi(t, t) enters every j < t)
+    p = c_p(x) viewed (B, T, H, d_p) with d_p = grape_ap_p_head_dim (8), or the normed q / normed k / v when tied
+    (then d_p = head_dim). p^ = p / rms(p) (no gain, eps = fp32 machine epsilon). R_l rotates every half-split plane
+    of p^ by -l (base 1: all planes turn at 1 rad/token, key index l absolute). s_h = ALiBi slopes (fixed; the
+    paper's alpha_h). Reference form: the query probe is raw; grape_ap_query_norm=True uses the paper's eq. 5.1 with
+    both probes normalised. The bias depends on t through psi, so it is not a function of i - j; decoding caches
+    the rotated key probes R_l p^_l and pays O(t) per step."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.tie = cfg, cfg.grape_ap_tie
+        self.p_dim = cfg.grape_ap_p_head_dim if self.tie == "none" else cfg.head_dim
+        if self.tie == "none":
+            self.c_p = nn.Linear(cfg.n_embd, cfg.n_head * self.p_dim, bias=False)
+        self.register_buffer("slopes", torch.empty(cfg.n_head), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        self.slopes.copy_(torch.tensor(alibi_slopes(self.cfg.n_head)))
+
+    def features(self, x, q, k, v, positions, cache):
+        B, T, _ = x.shape
+        p = {"none": lambda: self.c_p(x).view(B, T, self.cfg.n_head, self.p_dim), "q": lambda: q,
+             "k": lambda: k, "v": lambda: v}[self.tie]().float()
+        eps = torch.finfo(torch.float32).eps
+        p_key = rms_norm(p, eps=eps)
+        p_query = rms_norm(p, eps=eps) if self.cfg.grape_ap_query_norm else p
+        phi = positions.float()[None, :, None, None].expand(1, T, 1, self.p_dim // 2)  # base 1: angle = l
+        p_key = rotate_half_split(p_key, phi.cos(), phi.sin())
+        return {"p": p_query.transpose(1, 2)}, {"p": p_key.transpose(1, 2)}
+
+    def bias(self, q_feats, k_feats, q_pos, k_pos):
+        e = q_feats["p"] @ k_feats["p"].transpose(-1, -2) / self.p_dim  # (B, H, Tq, Tk)
+        psi = (self.slopes[:, None, None] * F.logsigmoid(e)).masked_fill(causal_mask(q_pos, k_pos), 0.0)
+        suffix = psi.flip(-1).cumsum(-1).flip(-1)  # sum_{l >= j} psi(t, l)
+        return F.pad(suffix[..., 1:], (0, 1))  # sum_{l >= j+1}: exclusive, no cancellation
+
+
+def build_pe(cfg):
+    """(rotary module or None, additive module or None) for cfg.pos_encoding."""
+    rotary, additive = split_pos_encoding(cfg.pos_encoding)
+    rotary_cls = {"rope": RoPE, "grape_m": GrapeM, "grape_m_ctx": GrapeMCtx}
+    additive_fn = {"alibi": ALiBi, "fox": FoX, "grape_ap": GrapeAP, "grape_a_q": lambda c: GrapeA(c, "q"),
+                   "grape_a_k": lambda c: GrapeA(c, "k"), "grape_a_qk": lambda c: GrapeA(c, "qk")}
+    return (rotary_cls[rotary](cfg) if rotary else None), (additive_fn[additive](cfg) if additive else None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class LayerCache:
+    """One layer's decoding state: k, v (B, H, T, D) after PE and QK-norm; `feats`, the additive PE's per-key
+    features (B, H, T, ...); `state`, running quantities overwritten every step (KV-shift's last un-shifted k and v,
+    GRAPE-M-ctx's total phase). Keys always start at position 0."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.feats, self.state = {}, {}
+
+    def extend(self, k, v, feats):
+        cat = lambda old, new: new if old is None else torch.cat((old, new), dim=2)
+        self.k, self.v = cat(self.k, k), cat(self.v, v)
+        self.feats = {name: cat(self.feats.get(name), t) for name, t in feats.items()}
+        return self.k, self.v, self.feats
+
+
+class KVCache:
+    def __init__(self, n_layer):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.length = 0  # tokens seen so far = absolute position of the next token
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transformer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
+        self.n_head, self.head_dim = H, D
+        self.norm_before_rotary = cfg.qk_norm_before_rotary
+        self.c_q = nn.Linear(C, H * D, bias=False)
+        self.c_k = ShiftLinear(C, H * D, H) if cfg.kv_shift else nn.Linear(C, H * D, bias=False)
+        self.c_v = ShiftLinear(C, H * D, H) if cfg.kv_shift else nn.Linear(C, H * D, bias=False)
+        self.c_proj = nn.Linear(H * D, C, bias=False)
+        self.q_rms = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_rms = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.rotary, self.additive = build_pe(cfg)
+
+    def _project_kv(self, proj, x, cache, state_name):
+        if not isinstance(proj, ShiftLinear):
+            return proj(x)
+        out, last = proj(x, None if cache is None else cache.state.get(state_name))
+        if cache is not None:
+            cache.state[state_name] = last
+        return out
+
+    def qkv(self, x, positions, cache=None):
+        """Projections with the PE applied: q, k, v as (B, T, H, D) and the additive PE's (q_feats, k_feats)."""
+        B, T, _ = x.shape
+        heads = (B, T, self.n_head, self.head_dim)
+        q = self.c_q(x).view(heads)
+        k = self._project_kv(self.c_k, x, cache, "k_shift").view(heads)
+        v = self._project_kv(self.c_v, x, cache, "v_shift").view(heads)
+        if self.rotary is None or self.norm_before_rotary:
+            q, k = self.q_rms(q), self.k_rms(k)
+            feats = self.additive.features(x, q, k, v, positions, cache) if self.additive else ({}, {})
+            if self.rotary is not None:
+                q, k = self.rotary(q, k, x, positions, cache)
+        else:  # reference order: rotate, then normalise; additive features read the un-rotated normed q, k
+            feats = ({}, {})
+            if self.additive is not None:
+                feats = self.additive.features(x, self.q_rms(q), self.k_rms(k), v, positions, cache)
+            q, k = self.rotary(q, k, x, positions, cache)
+            q, k = self.q_rms(q), self.k_rms(k)
+        return q, k, v, feats
+
+    def attend(self, q, k, v, q_feats, k_feats, q_pos):
+        """Causal softmax attention over (B, H, T, D) tensors; the queries are the last Tq of Tk positions.
+        The single entry point for every PE: the additive term is built here for this call only."""
+        Tq, Tk = q.size(2), k.size(2)
+        if self.additive is None:
+            if Tq == Tk:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if Tq == 1:
+                return F.scaled_dot_product_attention(q, k, v)
+            k_pos = torch.arange(Tk, device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~causal_mask(q_pos, k_pos))
+        k_pos = torch.arange(Tk, device=q.device)
+        bias = self.additive.bias(q_feats, k_feats, q_pos, k_pos)
+        bias = bias.masked_fill(causal_mask(q_pos, k_pos), float("-inf"))
+        # SDPA takes the mask in q's dtype (under autocast the reference's fp32 bias is read as bf16 too).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+
+    def forward(self, x, positions, cache=None):
+        B, T, _ = x.shape
+        q, k, v, (q_feats, k_feats) = self.qkv(x, positions, cache)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v, k_feats = cache.extend(k, v, k_feats)
+        y = self.attend(q, k, v, q_feats, k_feats, positions)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = 8 * cfg.n_embd // 3  # floor(8C/3): 2730 (medium), 3413 (large)
+        self.c_fc1 = nn.Linear(cfg.n_embd, hidden, bias=False)  # gate branch
+        self.c_fc2 = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.silu(self.c_fc1(x)) * self.c_fc2(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, cache=None):
+        x = x + self.attn(self.ln_1(x), positions, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=RMSNorm(cfg.n_embd, cfg.norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The reference init (GRAPE §1.6). Every parameter with >= 2 dims is drawn from N(0, std^2):
+        the tied embedding 0.02; the residual outputs (attn.c_proj, mlp.c_proj) sigma_h / sqrt(n_layer); everything
+        else sigma_h = 0.5 / sqrt(n_embd); except the PE parameters a module lists in `keep_init`. 1-D parameters
+        and those PE parameters get their module's own init (reset_parameters): norm gains 1, FoX gate bias 0,
+        GRAPE spectra and gates as documented per class. Safe to call again (e.g. after meta-device construction)."""
+        cfg = self.config
+        sigma_h = cfg.hidden_init_std_factor / math.sqrt(cfg.n_embd)
+        sigma_o = sigma_h / math.sqrt(cfg.n_layer)
+        keep = set()
+        for module_name, module in self.named_modules():
+            if isinstance(module, (RMSNorm, Rotary, Additive)) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            keep.update(f"{module_name}.{p}" for p in getattr(module, "keep_init", ()))
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or name in keep:
+                continue
+            if name == "transformer.wte.weight":
+                std = cfg.embedding_init_std
+            elif name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
+                std = sigma_o
+            else:
+                std = sigma_h
+            nn.init.normal_(p, 0.0, std)
+
+    def num_params(self):
+        """Number of parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self):
+        return KVCache(self.config.n_layer)
+
+    def forward(self, idx, targets=None, cache=None, all_logits=False):
+        """idx (B, T) token ids -> (logits, loss). With targets: logits for every position (fp32) and the mean
+        cross-entropy (targets == -1 ignored). Without: logits of the last position only, (B, 1, V), unless
+        all_logits. With a KVCache the tokens continue the cached sequence (positions cache.length ...)."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, positions, None if cache is None else cache.layers[i])
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += T
+        if targets is not None:
+            logits = self.lm_head(x).float()
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        logits = self.lm_head(x if all_logits else x[:, -1:]).float()
+        return logits, None
+
+    def optimizer_param_groups(self, weight_decay):
+        """The reference's AdamW groups: RMSNorm gains without weight decay, every other parameter with it."""
+        no_decay = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        params = list(self.parameters())
+        return [dict(params=[p for p in params if id(p) not in no_decay], weight_decay=weight_decay),
+                dict(params=[p for p in params if id(p) in no_decay], weight_decay=0.0)]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, use_cache=True):
+        """Continue idx (B, T) by max_new_tokens tokens. temperature 0 is greedy decoding. With use_cache the prompt
+        is prefilled once and each new token costs one incremental step; without, every step re-runs the full
+        forward (the two give the same tokens)."""
+        cache = self.new_cache() if use_cache else None
+        logits, _ = self(idx, cache=cache)
+        for step in range(max_new_tokens):
+            logits = logits[:, -1, :]
+            if temperature == 0.0:
+                next_id = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), 1)
+            idx = torch.cat((idx, next_id), dim=1)
+            if step + 1 < max_new_tokens:
+                logits, _ = self(next_id, cache=cache) if use_cache else self(idx)
+        return idx

@@ -1,0 +1,300 @@
+"""The model as a whole, for every PE: sizes, init, causality, KV-cache decoding, gradients, bf16 autocast."""
+
+import math
+
+import pytest
+import torch
+
+from model import ADDITIVE_PES, GPT, ROTARY_PES, GPTConfig, split_pos_encoding
+
+ALL_PES = ["nope", *ROTARY_PES, *ADDITIVE_PES]
+COMPOSED_PES = ["rope+alibi", "grape_m+grape_ap", "grape_m_ctx+fox", "grape_m+grape_a_qk"]
+
+
+def tiny_config(pe, kv_shift=False, **kw):
+    # embedding std 0.2 gives logits of std ~2 and max ~13 (like a trained LM), so absolute tolerances mean something
+    base = dict(n_layer=2, n_head=4, n_embd=64, head_dim=16, vocab_size=97, block_size=32,
+                pos_encoding=pe, kv_shift=kv_shift, embedding_init_std=0.2)
+    return GPTConfig(**{**base, **kw})
+
+
+def tiny_model(pe, kv_shift=False, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(pe, kv_shift, **kw))
+    perturb_pe_parameters(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def perturb_pe_parameters(model, scale=0.3):
+    """Move every PE parameter and norm gain away from its init, so that tests do not pass only at init
+    (e.g. GRAPE-M-ctx's gate weight starts at exactly 0 and GRAPE-M's spectrum equals RoPE's)."""
+    for name, p in model.named_parameters():
+        if any(s in name for s in ("rotary", "additive", "shift_proj", "rms")):
+            p.add_(scale * torch.randn_like(p) * (p.abs().mean() + 0.1))
+
+
+# ---------------------------------------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("preset,expected", [("medium", 353_508_352), ("large", 772_234_496)])
+def test_paper_parameter_counts(preset, expected):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset(preset, pos_encoding="rope"))
+    assert model.num_params() == expected
+    cfg = model.config
+    L, C, D, V = cfg.n_layer, cfg.n_embd, cfg.head_dim, cfg.vocab_size
+    assert expected == L * (4 * C * C + 3 * C * (8 * C // 3) + 2 * C + 2 * D) + V * C + C
+
+
+@pytest.mark.parametrize("pe,extra_medium,extra_large", [
+    ("alibi", 0, 0), ("nope", 0, 0),
+    ("fox", 196_800, 461_160), ("grape_a_k", 24_768, None), ("grape_a_q", 24_768, None),
+    ("grape_a_qk", 49_344, None), ("grape_ap", 1_572_864, 3_686_400),
+    ("grape_m", 1_536, 2_304), ("grape_m_ctx", 26_136, 48_420),
+])
+def test_extra_parameters_per_variant(pe, extra_medium, extra_large):
+    """Extra parameters over RoPE, as tabulated for the reference code (GRAPE §2.11)."""
+    for preset, extra, rope_count in (("medium", extra_medium, 353_508_352), ("large", extra_large, 772_234_496)):
+        if extra is None:
+            continue
+        with torch.device("meta"):
+            model = GPT(GPTConfig.from_preset(preset, pos_encoding=pe))
+        assert model.num_params() - rope_count == extra
+
+
+@pytest.mark.parametrize("preset,rope_count,extra", [("medium", 353_508_352, 393_216), ("large", 772_234_496, 921_600)])
+def test_kv_shift_parameters(preset, rope_count, extra):
+    """KV-shift adds a shift_proj (C -> H) to c_k and to c_v: 2 C H per layer."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset(preset, pos_encoding="rope", kv_shift=True))
+    assert model.num_params() == rope_count + extra
+
+
+def test_weight_tying_and_no_biases():
+    model = GPT(tiny_config("rope"))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.bias is None, name
+
+
+# ---------------------------------------------------------------------------------------------------------- init
+
+
+def test_init_statistics_per_parameter_kind():
+    """GRAPE §1.6: embedding N(0, 0.02^2); residual outputs N(0, sigma_o^2); other matrices N(0, sigma_h^2);
+    norm gains 1; PE parameters with their own inits."""
+    torch.manual_seed(0)
+    C, L, H, D = 256, 4, 4, 64
+    sigma_h = 0.5 / math.sqrt(C)
+    sigma_o = sigma_h / math.sqrt(L)
+    seen = set()
+    for pe in ("fox", "grape_a_qk", "grape_ap", "grape_m", "grape_m_ctx"):
+        model = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=C, head_dim=D, vocab_size=4096, pos_encoding=pe,
+                              kv_shift=True))
+        for name, p in model.named_parameters():
+            kind = name.split(".", 3)[-1] if name.startswith("transformer.h.") else name
+            if name == "transformer.wte.weight":
+                expected_std = 0.02
+            elif name.endswith("c_proj.weight"):
+                expected_std = sigma_o
+            elif name.endswith(("additive.u", "additive.v")):
+                expected_std = 1 / math.sqrt(D)
+            elif name.endswith("omega_proj.weight"):
+                assert torch.all(p == 0), name
+                continue
+            elif p.dim() >= 2:
+                expected_std = sigma_h  # c_q/c_k/c_v (incl. ShiftLinear parts), c_fc1/2, fgate, c_p
+            elif name.endswith("rms.weight") or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                assert torch.all(p == 1), name
+                continue
+            elif name.endswith("fgate.bias"):
+                assert torch.all(p == 0), name
+                continue
+            elif name.endswith("omega_proj.bias"):
+                torch.testing.assert_close(p, torch.full_like(p, math.log(math.expm1(1e-3))))
+                assert abs(p.item() + 6.90726) < 1e-4
+                continue
+            elif name.endswith("additive.omega"):
+                torch.testing.assert_close(p, torch.full_like(p, math.log(math.e - 1)))
+                continue
+            elif name.endswith("rotary.log_freq"):
+                spectrum = 1.0 / 10000 ** (torch.arange(0, D, 2).double() / D)
+                scale = 16.0 if pe == "grape_m" else 1.0
+                torch.testing.assert_close(p.double(), scale * spectrum.log(), rtol=1e-6, atol=1e-5)
+                continue
+            else:
+                raise AssertionError(f"parameter {name} has no expected init in this test")
+            seen.add(kind)
+            n = p.numel()
+            assert abs(p.mean().item()) < 4 * expected_std / math.sqrt(n), name
+            assert abs(p.std().item() / expected_std - 1) < 6 / math.sqrt(2 * n), (name, p.std().item(), expected_std)
+    assert {"attn.c_k.shift_proj.weight", "attn.additive.fgate.weight", "attn.additive.c_p.weight",
+            "mlp.c_proj.weight", "attn.c_v.linear.weight"} <= seen
+
+
+def test_init_weights_is_idempotent_in_distribution_and_resets_pe():
+    model = GPT(tiny_config("grape_m_ctx"))
+    perturb_pe_parameters(model)
+    model.init_weights()
+    rot = model.transformer.h[0].attn.rotary
+    assert torch.all(rot.omega_proj.weight == 0)
+    assert torch.all(model.transformer.h[0].attn.q_rms.weight == 1)
+
+
+# ---------------------------------------------------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("kv_shift", [False, True])
+@pytest.mark.parametrize("pe", ALL_PES + COMPOSED_PES)
+def test_causality(pe, kv_shift):
+    model = tiny_model(pe, kv_shift)
+    idx = torch.randint(0, 97, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        a, _ = model(idx, all_logits=True)
+        b, _ = model(changed, all_logits=True)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+# ---------------------------------------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("kv_shift", [False, True])
+@pytest.mark.parametrize("pe", ALL_PES + COMPOSED_PES)
+def test_cached_decoding_equals_full_forward(pe, kv_shift):
+    torch.set_default_dtype(torch.float32)
+    model = tiny_model(pe, kv_shift)
+    idx = torch.randint(0, 97, (3, 40))
+    with torch.no_grad():
+        full, _ = model(idx, all_logits=True)
+        # prefill 9 tokens, then a chunk of 7 (multi-token step on a non-empty cache), then one token at a time
+        cache = model.new_cache()
+        pieces = [model(idx[:, :9], cache=cache, all_logits=True)[0],
+                  model(idx[:, 9:16], cache=cache, all_logits=True)[0]]
+        for t in range(16, 40):
+            pieces.append(model(idx[:, t:t + 1], cache=cache, all_logits=True)[0])
+    assert cache.length == 40
+    err = (torch.cat(pieces, dim=1) - full).abs().max().item()
+    assert full.abs().max() > 1.0  # logits are not trivially small
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi", "fox", "grape_m_ctx", "grape_ap", "grape_m+grape_a_k"])
+def test_generate_with_and_without_cache(pe):
+    model = tiny_model(pe, kv_shift=True)
+    prompt = torch.randint(0, 97, (2, 5))
+    a = model.generate(prompt, 12, use_cache=True)
+    b = model.generate(prompt, 12, use_cache=False)
+    assert a.shape == (2, 17)
+    assert torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b)
+    torch.manual_seed(1)
+    c = model.generate(prompt, 6, temperature=1.0, top_k=5)
+    assert c.shape == (2, 11)
+
+
+def test_no_quadratic_state_is_kept():
+    """No T x T tensor survives a forward: buffers stay the same size whatever T is, and no module attribute holds
+    a tensor beyond its parameters and buffers."""
+    for pe in ADDITIVE_PES:
+        model = tiny_model(pe)
+        sizes = []
+        for T in (8, 64):
+            with torch.no_grad():
+                model(torch.randint(0, 97, (1, T)))
+            sizes.append(sum(b.numel() for b in model.buffers()))
+            for module in model.modules():
+                for value in vars(module).values():
+                    assert not (isinstance(value, torch.Tensor) and value.numel() >= T * T), (pe, type(module))
+        assert sizes[0] == sizes[1], pe
+
+
+# ---------------------------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("kv_shift", [False, True])
+@pytest.mark.parametrize("pe", ALL_PES + COMPOSED_PES)
+def test_gradients_reach_every_parameter(pe, kv_shift):
+    model = tiny_model(pe, kv_shift).train()
+    idx = torch.randint(0, 97, (2, 24))
+    _, loss = model(idx, targets=torch.roll(idx, -1, 1))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, name
+
+
+# ---------------------------------------------------------------------------------------------------------- outputs
+
+
+def test_forward_outputs():
+    model = tiny_model("rope")
+    idx = torch.randint(0, 97, (2, 10))
+    logits, loss = model(idx)
+    assert logits.shape == (2, 1, 97) and logits.dtype == torch.float32 and loss is None
+    full, _ = model(idx, all_logits=True)
+    torch.testing.assert_close(full[:, -1:], logits)
+    targets = torch.roll(idx, -1, 1)
+    targets[:, -1] = -1  # ignored
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 10, 97)
+    expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, 97), targets[:, :-1].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("pe", ALL_PES + ["grape_m+grape_ap"])
+def test_bf16_autocast_on_cpu(pe):
+    """The training precision path (bf16 autocast, fp32 norms/PE math, fp32 logits) runs and stays close to fp32."""
+    model = tiny_model(pe, kv_shift=True, embedding_init_std=0.02).train()
+    idx = torch.randint(0, 97, (2, 32))
+    targets = torch.roll(idx, -1, 1)
+    _, loss32 = model(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss16 = model(idx, targets)
+    assert logits.dtype == torch.float32
+    loss16.backward()
+    assert abs(loss16.item() - loss32.item()) < 0.02
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi", "grape_ap"])
+def test_bf16_autocast_cached_decoding(pe):
+    model = tiny_model(pe, kv_shift=True)
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(idx, all_logits=True)
+        cache = model.new_cache()
+        pieces = [model(idx[:, :6], cache=cache, all_logits=True)[0]]
+        pieces += [model(idx[:, t:t + 1], cache=cache, all_logits=True)[0] for t in range(6, 16)]
+    # bf16 carries ~3 significant digits; the two paths differ only in rounding
+    assert (torch.cat(pieces, 1) - full).abs().max() < 0.1 * full.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+
+def test_pos_encoding_names():
+    assert split_pos_encoding("nope") == (None, None)
+    assert split_pos_encoding("grape_m") == ("grape_m", None)
+    assert split_pos_encoding("grape_ap") == (None, "grape_ap")
+    assert split_pos_encoding("grape_m+grape_ap") == ("grape_m", "grape_ap")
+    for bad in ("rotary", "alibi+rope", "rope+grape_m", "rope+alibi+fox", ""):
+        with pytest.raises(ValueError, match="pos_encoding"):
+            GPTConfig(pos_encoding=bad)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="head_dim"):
+        GPTConfig(pos_encoding="rope", head_dim=15)
+    with pytest.raises(ValueError, match="grape_ap_tie"):
+        GPTConfig(pos_encoding="grape_ap", grape_ap_tie="p")
+    with pytest.raises(ValueError, match="grape_ap_p_head_dim"):
+        GPTConfig(pos_encoding="grape_ap", grape_ap_p_head_dim=7)
+    with pytest.raises(ValueError, match="n_layer"):
+        GPTConfig(n_layer=0)
+    with pytest.raises(ValueError, match="preset"):
+        GPTConfig.from_preset("huge")
