@@ -146,12 +146,17 @@ def split_pos_encoding(name):
 # Numerical helpers shared by several PEs
 
 
+def at_least_fp32(x):
+    """x in fp32 if it is in a lower precision (bf16/fp16 under autocast), else unchanged (fp32, fp64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def rms_norm(x, weight=None, eps=1e-5):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in x's dtype."""
-    x32 = x.float()
+    x32 = at_least_fp32(x)
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * at_least_fp32(weight)
     return y.to(x.dtype)
 
 
@@ -160,13 +165,13 @@ def rotate_half_split(x, cos, sin):
     a' = a cos(phi) + b sin(phi),  b' = -a sin(phi) + b cos(phi).
     cos, sin: fp32, broadcastable to x.shape[:-1] + (d/2,). Computed in fp32, returned in x's dtype."""
     half = x.shape[-1] // 2
-    a, b = x[..., :half].float(), x[..., half:].float()
+    a, b = at_least_fp32(x[..., :half]), at_least_fp32(x[..., half:])
     return torch.cat((a * cos + b * sin, b * cos - a * sin), dim=-1).to(x.dtype)
 
 
-def rope_inv_freq(dim, base, device=None):
-    """theta_m = base^(-2m/dim), m = 0 .. dim/2 - 1, fp32 (RoPE's log-uniform spectrum)."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+def rope_inv_freq(dim, base, device=None, dtype=torch.float32):
+    """theta_m = base^(-2m/dim), m = 0 .. dim/2 - 1 (RoPE's log-uniform spectrum), fp32 unless asked otherwise."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
 
 
 def alibi_slopes(n_head):
@@ -225,11 +230,11 @@ class ShiftLinear(nn.Module):
     def forward(self, x, prev=None):
         B, T, _ = x.shape
         y = self.linear(x)
-        alpha = torch.sigmoid(self.shift_proj(x).float()).unsqueeze(-1)  # (B, T, H, 1)
+        alpha = torch.sigmoid(at_least_fp32(self.shift_proj(x))).unsqueeze(-1)  # (B, T, H, 1)
         first = torch.zeros_like(y[:, :1]) if prev is None else prev[:, None].to(y.dtype)
         y_prev = torch.cat((first, y[:, :-1]), dim=1)
         heads = (B, T, self.n_head, -1)
-        out = alpha * y_prev.float().view(heads) + (1.0 - alpha) * y.float().view(heads)
+        out = alpha * at_least_fp32(y_prev).view(heads) + (1.0 - alpha) * at_least_fp32(y).view(heads)
         return out.to(y.dtype).view_as(y), y[:, -1]
 
 
@@ -239,6 +244,7 @@ class ShiftLinear(nn.Module):
 
 class Rotary(nn.Module):
     def angles(self, x, positions, cache):
+        """Rotation angles phi, broadcastable to (B, T, H, D/2), in fp32 (fp64 for an fp64 model)."""
         raise NotImplementedError
 
     def forward(self, q, k, x, positions, cache=None):
@@ -256,8 +262,8 @@ class RoPE(Rotary):
         self.head_dim, self.base = cfg.head_dim, cfg.rope_base
 
     def angles(self, x, positions, cache):
-        inv_freq = rope_inv_freq(self.head_dim, self.base, positions.device)
-        return (positions.float()[:, None] * inv_freq)[None, :, None, :]  # (1, T, 1, D/2)
+        inv_freq = rope_inv_freq(self.head_dim, self.base, positions.device, at_least_fp32(x).dtype)
+        return (positions.to(inv_freq.dtype)[:, None] * inv_freq)[None, :, None, :]  # (1, T, 1, D/2)
 
 
 class GrapeM(Rotary):
@@ -286,10 +292,11 @@ class GrapeM(Rotary):
         self.log_freq.copy_((self.scale * spectrum.log()).expand_as(self.log_freq))
 
     def frequencies(self):
-        return (self.log_freq.float() / self.scale).exp()
+        return (at_least_fp32(self.log_freq) / self.scale).exp()
 
     def angles(self, x, positions, cache):
-        return (positions.float()[:, None, None] * self.frequencies())[None]  # (1, T, 1|H, D/2)
+        freqs = self.frequencies()
+        return (positions.to(freqs.dtype)[:, None, None] * freqs)[None]  # (1, T, 1|H, D/2)
 
 
 class GrapeMCtx(Rotary):
@@ -323,11 +330,12 @@ class GrapeMCtx(Rotary):
         nn.init.constant_(self.omega_proj.bias, inv_softplus(self.cfg.grape_ctx_init_omega))
 
     def frequencies(self):
-        return self.log_freq.float().exp()
+        return at_least_fp32(self.log_freq).exp()
 
     def phase(self, x, cache=None):
         """Phi (B, T, 1|H) fp32: the exclusive prefix sum of omega, continued from the cache's running total."""
-        omega = torch.sigmoid(self.omega_proj(x).float() / self.cfg.grape_ctx_omega_scale).double()
+        omega = torch.sigmoid(at_least_fp32(self.omega_proj(x)) / self.cfg.grape_ctx_omega_scale)
+        dtype, omega = omega.dtype, omega.double()
         # fp64 prefix sum (a (B, T, 1) tensor, so free): an fp32 running sum drifts like sqrt(T) * eps * Phi,
         # which at Phi ~ 1e3 is far above the fp32 rounding of Phi itself; it also makes cached == full.
         phase = omega.cumsum(1) - omega
@@ -335,7 +343,7 @@ class GrapeMCtx(Rotary):
             if "phase" in cache.state:
                 phase = phase + cache.state["phase"][:, None]
             cache.state["phase"] = phase[:, -1] + omega[:, -1]
-        return phase.float()
+        return phase.to(dtype)
 
     def angles(self, x, positions, cache):
         return self.phase(x, cache)[..., None] * self.frequencies()  # (B, T, 1|H, D/2)
@@ -389,7 +397,7 @@ class FoX(Additive):
         nn.init.zeros_(self.fgate.bias)
 
     def features(self, x, q, k, v, positions, cache):
-        log_f = F.logsigmoid(self.fgate(x).float()).transpose(1, 2)  # (B, H, T)
+        log_f = F.logsigmoid(at_least_fp32(self.fgate(x))).transpose(1, 2)  # (B, H, T)
         c = log_f.cumsum(-1)
         if cache is not None and "c" in cache.feats:
             c = c + cache.feats["c"][..., -1:]
@@ -435,8 +443,8 @@ class GrapeA(Additive):
 
     def _gate(self, t, direction):
         if self.cfg.grape_a_gate_l2_norm:
-            direction = F.normalize(direction.float(), dim=-1, eps=self.cfg.grape_a_gate_l2_eps)
-        dot = torch.einsum("bthd,hd->bht", t.float(), direction.float())
+            direction = F.normalize(at_least_fp32(direction), dim=-1, eps=self.cfg.grape_a_gate_l2_eps)
+        dot = torch.einsum("bthd,hd->bht", at_least_fp32(t), at_least_fp32(direction))
         return F.softplus(dot / math.sqrt(self.cfg.head_dim))  # (B, H, T)
 
     def features(self, x, q, k, v, positions, cache):
@@ -451,7 +459,7 @@ class GrapeA(Additive):
             rate = rate + q_feats["g"][..., :, None]
         if "k" in self.gate:
             rate = rate + k_feats["g"][..., None, :]
-        kappa = F.softplus(self.omega.float()) * self.slopes  # (H,)
+        kappa = F.softplus(at_least_fp32(self.omega)) * self.slopes  # (H,)
         return -(dist * kappa[:, None, None]) * rate  # (B, H, Tq, Tk)
 
 
@@ -482,12 +490,15 @@ class GrapeAP(Additive):
 
     def features(self, x, q, k, v, positions, cache):
         B, T, _ = x.shape
-        p = {"none": lambda: self.c_p(x).view(B, T, self.cfg.n_head, self.p_dim), "q": lambda: q,
-             "k": lambda: k, "v": lambda: v}[self.tie]().float()
+        if self.tie == "none":
+            p = self.c_p(x).view(B, T, self.cfg.n_head, self.p_dim)
+        else:
+            p = {"q": q, "k": k, "v": v}[self.tie]
+        p = at_least_fp32(p)
         eps = torch.finfo(torch.float32).eps
         p_key = rms_norm(p, eps=eps)
-        p_query = rms_norm(p, eps=eps) if self.cfg.grape_ap_query_norm else p
-        phi = positions.float()[None, :, None, None].expand(1, T, 1, self.p_dim // 2)  # base 1: angle = l
+        p_query = p_key if self.cfg.grape_ap_query_norm else p
+        phi = positions.to(p.dtype)[None, :, None, None].expand(1, T, 1, self.p_dim // 2)  # base 1: angle = l
         p_key = rotate_half_split(p_key, phi.cos(), phi.sin())
         return {"p": p_query.transpose(1, 2)}, {"p": p_key.transpose(1, 2)}
 
@@ -691,10 +702,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         if targets is not None:
-            logits = self.lm_head(x).float()
+            logits = at_least_fp32(self.lm_head(x))
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        logits = self.lm_head(x if all_logits else x[:, -1:]).float()
+        logits = at_least_fp32(self.lm_head(x if all_logits else x[:, -1:]))
         return logits, None
 
     def optimizer_param_groups(self, weight_decay):
