@@ -136,7 +136,9 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
             max_shards: int | None = None, progress: bool = True, batch_docs: int = BATCH_DOCS) -> dict:
     """Tokenize `source` (data.sources.FileSource / HFSource) into shards in `out_dir`; returns the manifest.
 
-    workers: tokenizer processes (None = all usable CPUs, 0 = tokenize in this process).
+    workers: tokenizer processes (None = all usable CPUs, 0 = tokenize in this process). They are spawned, and
+        spawned processes re-import the calling script, so a script that calls this should not import heavy
+        modules (torch) at top level.
     max_shards: stop once this many shards (including shard 0) exist; a later call continues.
     """
     if not 1 <= shard_size <= shards.MAX_SHARD_TOKENS:

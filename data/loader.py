@@ -26,8 +26,10 @@ Training windows (TokenLoader)
     window repeated or skipped); only where an epoch ends may differ, since that depends on world_size*B. Seed,
     seq_len, window mode and the shard set must match (checked; an error names the key and both values).
   * Token ids >= vocab_size raise ShardError naming the shard and position. The check runs on every batch (a max over
-    B*(T+1) uint16, ~10 us) instead of scanning all shards at start-up, which for 100B tokens would read ~200 GB per
-    rank before the first step (scripts/bench_data.py measures both).
+    B*(T+1) uint16: a few us) rather than as a scan of all shards at open: the scan itself is fast from page cache
+    (~0.01-0.03 s per 1e8-token shard) but must read the whole dataset (200 GB for 100B tokens) at every start and
+    resume of every node, and the per-batch check covers exactly the tokens that are used. scripts/bench_data.py
+    measures both; `python -m data.shards DIR --vocab-size V` is the one-off full scan of a prepared dataset.
   * x, y: int64 tensors (B, T) on `device`. On CUDA the host tensors are pinned and copied with non_blocking=True.
     With prefetch=True a background thread assembles the next batch while the caller trains on the current one.
 
@@ -118,7 +120,8 @@ class TokenLoader:
         self.device = _as_device(device)
         self.paths = shards.find_shards(shard_dir_or_glob, "train")
         _warn_if_incomplete(self.paths)
-        self._maps = [shards.open_shard(p) for p in self.paths]
+        # plain ndarray views of the memmaps: same pages, without np.memmap's per-slice Python overhead
+        self._maps = [shards.open_shard(p).view(np.ndarray) for p in self.paths]
         T = self.seq_len
         if self.document_aligned:
             self._starts = [_document_starts(m, T) for m in self._maps]
@@ -151,23 +154,27 @@ class TokenLoader:
         return self.num_windows // (self.world_size * self.batch_size)
 
     # ---- order and windows ------------------------------------------------------------------------------------------
+    def _order_block(self, epoch: int, c: int) -> np.ndarray:
+        key = (epoch, c)
+        with self._order_lock:
+            block = self._order_cache.get(key)
+            if block is None:
+                lo = c * _ORDER_CHUNK
+                block = Permutation(self.num_windows, self.seed, epoch)(
+                    np.arange(lo, min(lo + _ORDER_CHUNK, self.num_windows)))
+                if len(self._order_cache) >= 4:  # keep a few chunks: ranks and rollovers touch neighbours
+                    self._order_cache.pop(next(iter(self._order_cache)))
+                self._order_cache[key] = block
+        return block
+
     def _order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        out = np.empty(positions.size, dtype=np.int64)
+        """perm_epoch(positions), computed _ORDER_CHUNK values at a time and cached."""
         chunks = positions // _ORDER_CHUNK
-        for c in np.unique(chunks):
-            key = (epoch, int(c))
-            with self._order_lock:
-                block = self._order_cache.get(key)
-                if block is None:
-                    lo = int(c) * _ORDER_CHUNK
-                    block = Permutation(self.num_windows, self.seed, epoch)(
-                        np.arange(lo, min(lo + _ORDER_CHUNK, self.num_windows)))
-                    if len(self._order_cache) >= 4:  # keep a few chunks: ranks and rollovers touch neighbours
-                        self._order_cache.pop(next(iter(self._order_cache)))
-                    self._order_cache[key] = block
-            sel = chunks == c
-            out[sel] = block[positions[sel] - int(c) * _ORDER_CHUNK]
-        return out
+        c0 = int(chunks[0])
+        if (chunks == c0).all():  # the usual case: one batch lies inside one chunk
+            return self._order_block(epoch, c0)[positions - c0 * _ORDER_CHUNK]
+        return np.array([self._order_block(epoch, int(c))[p - int(c) * _ORDER_CHUNK]
+                         for p, c in zip(positions, chunks)], dtype=np.int64)
 
     def window_location(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global window ids -> (shard index, start token offset in that shard)."""

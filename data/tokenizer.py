@@ -164,18 +164,12 @@ def encode_batch(job):
     """Worker task: job = (batch_id, texts). Returns (batch_id, uint16 tokens of all docs, per-doc lengths, bytes)."""
     batch_id, texts = job
     enc = _worker_enc if _worker_enc is not None else gpt2_encoding()
-    lengths = np.empty(len(texts), dtype=np.int64)
-    parts = []
-    nbytes = 0
+    flat, lengths, nbytes = [], np.empty(len(texts), dtype=np.int64), 0
     for i, text in enumerate(texts):
         ids = enc.encode_ordinary(text)
+        flat.append(EOT)
+        flat.extend(ids)
         lengths[i] = len(ids) + 1
-        parts.append(ids)
         nbytes += len(text.encode("utf-8"))
-    out = np.empty(int(lengths.sum()), dtype=np.uint16)
-    pos = 0
-    for ids, n in zip(parts, lengths):
-        out[pos] = EOT
-        out[pos + 1:pos + n] = ids  # GPT-2 ids < 50257 < 2**16, so the uint16 cast is lossless
-        pos += n
-    return batch_id, out, lengths, nbytes
+    # GPT-2 ids are < 50257 < 2**16, so uint16 is lossless (llm.c asserts the same)
+    return batch_id, np.array(flat, dtype=np.uint16), lengths, nbytes
