@@ -263,7 +263,7 @@ class HFSource(_FileStream):
         transient = _transient_errors()
         for attempt in range(self.RETRIES + 1):
             try:
-                with fsspec.open(url, "rb") as f:
+                with fsspec.open(url, "rb", block_size=32 << 20) as f:  # large ranged reads for remote files
                     for text in _read_parquet(url, skip, self.text_key, fileobj=f):
                         yield text
                         skip += 1

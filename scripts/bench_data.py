@@ -5,7 +5,8 @@
 Measures, on the embedded sample (data/sample/, ~13 MB of UTF-8 text, ~3.0M GPT-2 tokens):
   * prep: `data.fineweb_edu.prepare` end to end (read gzip text, tokenize in worker processes, write shards and
     manifest), with 1 and 2 worker processes; wall time includes starting the pool. Also the bare single-thread
-    tiktoken encode_ordinary rate on the same documents, as the ceiling per core.
+    tiktoken encode_ordinary rate on the same documents (the ceiling per worker) and the rate at which the main
+    process alone reads and batches documents from txt.gz and from parquet (how many workers it can feed).
   * loader: TokenLoader.next_batch() tokens/s at T=1024, B=8 on CPU, with and without the prefetch thread, plain
     and document-aligned windows (plus the start-up cost of the EOT scan that document alignment needs); and the
     time a trainer actually waits inside next_batch() when each step takes 3 ms (simulated by a sleep, like a GPU
@@ -52,6 +53,18 @@ def bench_prep(tmp: Path, files, repeat: int) -> list[dict]:
     dt = min(dts)
     rows = [{"what": "tiktoken encode_ordinary, 1 thread, no I/O", "seconds": dt, "MB_per_s": nbytes / dt / 1e6,
              "tokens_per_s": ntok / dt}]
+    # the main process alone: read + split documents, no tokenization (bounds how many workers it can feed)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), tmp / "sample.parquet", row_group_size=1000)
+    for label, src in (("reader only, txt.gz", FileSource(files)),
+                       ("reader only, parquet", FileSource([tmp / "sample.parquet"]))):
+        t0 = time.perf_counter()
+        for _ in src.batches(None, 256):
+            pass
+        dt = time.perf_counter() - t0
+        rows.append({"what": label, "seconds": dt, "MB_per_s": nbytes / dt / 1e6, "tokens_per_s": ntok / dt})
     for workers in (1, 2):
         times = []
         for k in range(repeat):  # the best of `repeat` runs: shared machines are noisy
