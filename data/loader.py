@@ -95,14 +95,14 @@ def _document_starts(tokens: np.ndarray, seq_len: int, chunk: int = 1 << 24) -> 
     eots = np.concatenate([np.flatnonzero(tokens[lo:lo + chunk] == EOT) + lo for lo in range(0, n, chunk)]
                           or [np.zeros(0, np.int64)])
     eots = eots[eots + seq_len + 1 <= n]
-    starts, nxt, i = [], 0, 0
-    while True:
-        i = int(np.searchsorted(eots, nxt, side="left"))
-        if i >= eots.size:
-            break
-        starts.append(int(eots[i]))
-        nxt = int(eots[i]) + seq_len
-    return np.asarray(starts, dtype=np.uint32)
+    # successor of candidate i = the first candidate at or after eots[i] + T (vectorised); the greedy choice is the
+    # chain 0 -> succ[0] -> ..., so only the pointer chase is a Python loop (one step per selected window)
+    succ = np.searchsorted(eots, eots + seq_len, side="left").tolist()
+    chain, i, m = [], 0, eots.size
+    while i < m:
+        chain.append(i)
+        i = succ[i]
+    return eots[chain].astype(np.uint32)
 
 
 class TokenLoader:

@@ -16,6 +16,7 @@ Local files (`FileSource`), read in the order given, each document once:
   * .jsonl / .jsonl.gz / .ndjson   one JSON object per non-empty line, field `text_key`
   * .txt / .txt.gz                 documents separated by one or more blank (empty or whitespace-only) lines; a
                                    document is its lines joined with "\n" (no trailing newline); universal newlines
+  Text is UTF-8 (a leading byte-order mark is dropped; invalid UTF-8 is an error naming the file).
   State: {"file": i, "doc": j} = j documents of file i already yielded. Files are identified by name, size and
   sha256 (not by path), so moving the inputs does not break a resume, but changing their content does.
 
@@ -60,42 +61,49 @@ def _kind(path: Path) -> str:
 
 def _open_text(path: Path):
     raw = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline=None)
+    # utf-8-sig: a leading byte-order mark is dropped; invalid UTF-8 is an error, never silently replaced
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict", newline=None)
+
+
+def _lines(path: Path):
+    with _open_text(path) as f:
+        try:
+            yield from f
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 ({e})") from e
 
 
 def _read_txt(path: Path, skip: int):
     doc, count = [], 0
-    with _open_text(path) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if line.strip():
-                doc.append(line)
-                continue
-            if doc:
-                if count >= skip:
-                    yield "\n".join(doc)
-                count += 1
-                doc = []
-        if doc and count >= skip:
-            yield "\n".join(doc)
+    for line in _lines(path):
+        line = line.rstrip("\n")
+        if line.strip():
+            doc.append(line)
+            continue
+        if doc:
+            if count >= skip:
+                yield "\n".join(doc)
+            count += 1
+            doc = []
+    if doc and count >= skip:
+        yield "\n".join(doc)
 
 
 def _read_jsonl(path: Path, skip: int, text_key: str):
     count = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if count >= skip:
-                try:
-                    text = json.loads(line)[text_key]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field "
-                                     f"{text_key!r} ({type(e).__name__}: {e})") from e
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: field {text_key!r} is {type(text).__name__}, expected str")
-                yield text
-            count += 1
+    for lineno, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        if count >= skip:
+            try:
+                text = json.loads(line)[text_key]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field "
+                                 f"{text_key!r} ({type(e).__name__}: {e})") from e
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: field {text_key!r} is {type(text).__name__}, expected str")
+            yield text
+        count += 1
 
 
 def _read_parquet(path, skip: int, text_key: str, fileobj=None):

@@ -12,7 +12,8 @@ Measures, on the embedded sample (data/sample/, ~13 MB of UTF-8 text, ~3.0M GPT-
     time a trainer actually waits inside next_batch() when each step takes 3 ms (simulated by a sleep, like a GPU
     step the host waits on), which is what prefetching is for.
   * the token-range check: per-batch max over B*(T+1) tokens vs a full scan of a 1e8-token shard (from page cache),
-    which is the measurement behind the loader's choice of checking per batch.
+    which is the measurement behind the loader's choice of checking per batch; and the start-up cost per 1e8-token
+    shard of the document-aligned window index.
 Benchmarks only print numbers; nothing here asserts a speed.
 """
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from data import shards  # noqa: E402
 from data.fineweb_edu import SAMPLE_DIR, SAMPLE_SHARD_SIZE, prepare  # noqa: E402
 from data.sources import FileSource  # noqa: E402
-from data.tokenizer import gpt2_encoding  # noqa: E402
+from data.tokenizer import EOT, gpt2_encoding  # noqa: E402
 
 
 def bench_prep(tmp: Path, files, repeat: int) -> list[dict]:
@@ -110,6 +111,8 @@ def bench_loader(shard_dir: Path, n: int) -> list[dict]:
 
 
 def bench_range_check(tmp: Path) -> dict:
+    from data.loader import _document_starts
+
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 50257, (8, 1025)).astype(np.uint16)
     t0 = time.perf_counter()
@@ -117,14 +120,22 @@ def bench_range_check(tmp: Path) -> dict:
         int(batch.max())
     per_batch = (time.perf_counter() - t0) / 10000
     path = tmp / "big_train_000001.bin"
-    shards.write_shard(path, rng.integers(0, 50257, 10**8).astype(np.uint16))
+    toks = rng.integers(0, 50256, 10**8).astype(np.uint16)
+    toks[rng.integers(0, 10**8, 10**5)] = EOT  # ~1,000-token documents, like FineWeb-Edu
+    shards.write_shard(path, toks)
+    del toks
     mm = shards.open_shard(path)
     shards.check_token_range(path, mm, 50304)  # warm the page cache
     t0 = time.perf_counter()
     shards.check_token_range(path, mm, 50304)
     full = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_aligned = _document_starts(mm, 1024).size
+    aligned = time.perf_counter() - t0
+    del mm
     path.unlink()
-    return {"per_batch_max_us": per_batch * 1e6, "full_scan_1e8_tokens_s": full, "full_scan_GB_per_s": 2e8 / full / 1e9}
+    return {"per_batch_max_us": per_batch * 1e6, "full_scan_1e8_tokens_s": full, "full_scan_GB_per_s": 2e8 / full / 1e9,
+            "document_aligned_index_1e8_tokens_s": aligned, "document_aligned_windows_per_1e8_tokens": n_aligned}
 
 
 def main() -> None:
@@ -156,6 +167,9 @@ def main() -> None:
               f"{r['wait_us_per_step']:12.0f}")
     print(f"\ntoken-range check: per batch (8x1025 max) {check['per_batch_max_us']:.1f} us; full scan of a 1e8-token "
           f"shard {check['full_scan_1e8_tokens_s']:.3f} s ({check['full_scan_GB_per_s']:.2f} GB/s from page cache)")
+    print(f"document-aligned index of a 1e8-token shard (1,000-token documents, T=1024): "
+          f"{check['document_aligned_index_1e8_tokens_s']:.3f} s, "
+          f"{check['document_aligned_windows_per_1e8_tokens']:,} windows")
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "prep": prep, "loader": loader, "range_check": check},
                                               indent=1) + "\n")
