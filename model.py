@@ -49,9 +49,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chunked_attention import chunked_bias_attention
+
 ROTARY_PES = ("rope", "grape_m", "grape_m_ctx")
 ADDITIVE_PES = ("alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap")
 GRAPE_AP_TIES = ("none", "q", "k", "v")
+ATTN_IMPLS = ("chunked", "dense")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -90,6 +93,11 @@ class GPTConfig:
     grape_ap_p_head_dim: int = 8  # probe width (untied); tied probes use head_dim
     grape_ap_tie: str = "none"  # probe source: own projection c_p, or the normed q, normed k, or v
     grape_ap_query_norm: bool = False  # False = reference (raw query probe); True = paper eq. 5.1 (both normalised)
+    # How an additive PE's bias meets attention (CausalSelfAttention.attend). "chunked": exact, blocks of
+    # attn_chunk_size queries, O(B H T chunk) memory in forward and backward (chunked_attention.py); "dense": one
+    # (B, H, T, T) bias through SDPA, O(B H T^2) memory, kept as the reference the chunked path is tested against.
+    attn_impl: str = "chunked"
+    attn_chunk_size: int = 128
 
     def __post_init__(self):
         rotary, additive = split_pos_encoding(self.pos_encoding)
@@ -99,6 +107,10 @@ class GPTConfig:
         if rotary and self.head_dim % 2:
             raise ValueError(f"GPTConfig.head_dim must be even for rotary pos_encoding "
                              f"{self.pos_encoding!r}, got {self.head_dim}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"GPTConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if not isinstance(self.attn_chunk_size, int) or self.attn_chunk_size <= 0:
+            raise ValueError(f"GPTConfig.attn_chunk_size must be a positive int, got {self.attn_chunk_size!r}")
         if self.grape_ap_tie not in GRAPE_AP_TIES:
             raise ValueError(f"GPTConfig.grape_ap_tie must be one of {GRAPE_AP_TIES}, got {self.grape_ap_tie!r}")
         if additive == "grape_ap" and self.grape_ap_tie == "none":
@@ -554,6 +566,7 @@ class CausalSelfAttention(nn.Module):
         C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
         self.n_head, self.head_dim = H, D
         self.norm_before_rotary = cfg.qk_norm_before_rotary
+        self.attn_impl, self.attn_chunk_size = cfg.attn_impl, cfg.attn_chunk_size
         self.c_q = nn.Linear(C, H * D, bias=False)
         self.c_k = ShiftLinear(C, H * D, H) if cfg.kv_shift else nn.Linear(C, H * D, bias=False)
         self.c_v = ShiftLinear(C, H * D, H) if cfg.kv_shift else nn.Linear(C, H * D, bias=False)
@@ -591,8 +604,13 @@ class CausalSelfAttention(nn.Module):
         return q, k, v, feats
 
     def attend(self, q, k, v, q_feats, k_feats, q_pos):
-        """Causal softmax attention over (B, H, T, D) tensors; the queries are the last Tq of Tk positions.
-        The single entry point for every PE: the additive term is built here for this call only."""
+        """Causal softmax attention over (B, H, T, D) tensors; the queries are the last Tq of Tk positions (keys at
+        0 .. Tk-1). The single entry point for every PE. Without an additive PE: SDPA's causal kernel. With one, the
+        bias b(i, j) = additive.bias(...) is built for this call only:
+            "chunked" (default): blocks of attn_chunk_size queries, each with its (B|1, H, chunk, keys so far) bias,
+                recomputed in the backward (chunked_attention.py): nothing T x T exists, forward or backward;
+            "dense": the whole (B|1, H, Tq, Tk) bias at once (the reference the chunked path is tested against).
+        Either way the fp32 bias reaches SDPA in q's dtype (bf16 under autocast, like the reference code)."""
         Tq, Tk = q.size(2), k.size(2)
         if self.additive is None:
             if Tq == Tk:
@@ -601,6 +619,9 @@ class CausalSelfAttention(nn.Module):
                 return F.scaled_dot_product_attention(q, k, v)
             k_pos = torch.arange(Tk, device=q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=~causal_mask(q_pos, k_pos))
+        if self.attn_impl == "chunked":
+            params = [p for p in self.additive.parameters() if p.requires_grad]
+            return chunked_bias_attention(q, k, v, q_feats, k_feats, self.additive.bias, params, self.attn_chunk_size)
         k_pos = torch.arange(Tk, device=q.device)
         bias = self.additive.bias(q_feats, k_feats, q_pos, k_pos)
         bias = bias.masked_fill(causal_mask(q_pos, k_pos), float("-inf"))

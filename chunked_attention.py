@@ -1,0 +1,152 @@
+"""
+Exact causal softmax attention with an additive logit bias, one block of queries at a time, so that nothing of size
+T x T is ever held: neither in the forward, nor saved for the backward, nor built in the backward.
+
+    out_i = sum_{j <= pos(i)} softmax_j(s_ij) v_j,    s_ij = <q_i, k_j> / sqrt(D) + b(i, j)
+
+The bias b comes from an additive PE's `bias(q_feats, k_feats, q_pos, k_pos)` (model.py), called on slices of the
+per-token features; this module knows no PE formula. Keys sit at positions 0 .. Tk-1 and the queries are the last
+Tq of them (q_pos = Tk-Tq .. Tk-1), as in training (Tq = Tk) and in cached decoding.
+
+Forward, for each block of c = `chunk` consecutive queries [s, e):
+    kend = Tk - Tq + e                         the block's last query sees keys 0 .. kend-1, so no later key is read
+    b    = bias(q_feats[s:e], k_feats[:kend])  (B|1, H, c, kend) fp32; only its last c columns can lie above the
+                                               diagonal, so only that c x c corner gets -inf
+    out[s:e] = SDPA(q[s:e], k[:kend], v[:kend], attn_mask = b in q's dtype)   (CPU: fused flash kernel)
+Saved for the backward: q, k, v, out, the features and nothing per block, i.e. O(B H T D).
+Backward, per block, recomputing instead of storing:
+    b again, with autograd on (so the PE's own formula differentiates itself, parameters included)
+    P   = softmax(q k^T / sqrt(D) + b)         fp32
+    dV += P^T dO,   dS = P * (dO V^T - delta), delta_i = <dO_i, out_i>   (the softmax backward)
+    dQ  = dS K / sqrt(D),   dK += dS^T Q / sqrt(D),   d(features, PE parameters) = vector-Jacobian product of b at dS
+Peak extra memory is a handful of (B, H, c, T) fp32 tensors; the work is that of causal attention (keys past a
+block's end are never touched) plus the bias, built twice (forward and backward).
+
+Numerics: the bias is computed in fp32 by the PE and handed to SDPA in q's dtype (bf16 under autocast, as in the
+dense path and the reference code); the backward recomputes S and P in fp32 from the same rounded bias and
+accumulates dK, dV in fp32. The PE's bias is recomputed under the autocast state of the forward, so that both passes
+differentiate the same function.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def chunked_bias_attention(q, k, v, q_feats, k_feats, bias_fn, params=(), chunk=128):
+    """q (B, H, Tq, D), k and v (B, H, Tk, D); q_feats / k_feats: dicts of per-token tensors laid out (B, H, T, ...);
+    bias_fn(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq', Tk') fp32; params: the tensors bias_fn reads that need
+    gradients (a PE's parameters). Returns (B, H, Tq, D) in q's dtype."""
+    q_names, k_names = tuple(q_feats), tuple(k_feats)
+    return _ChunkedBiasAttention.apply(bias_fn, int(chunk), q_names, k_names, len(params), q, k, v,
+                                       *(q_feats[n] for n in q_names), *(k_feats[n] for n in k_names), *params)
+
+
+def _blocks(Tq, Tk, chunk):
+    """(s, e, kend) for each query block: rows s..e-1 of the queries, keys 0..kend-1."""
+    for s in range(0, Tq, chunk):
+        e = min(s + chunk, Tq)
+        yield s, e, Tk - Tq + e
+
+
+def _above_diagonal(chunk, device):
+    """Strict upper triangle of a chunk x chunk block (key after query), sliced for a shorter last block."""
+    return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu_(1)
+
+
+def _positions(Tq, Tk, device):
+    return torch.arange(Tk - Tq, Tk, device=device), torch.arange(Tk, device=device)
+
+
+def _block_bias(bias_fn, q_feats, k_feats, q_pos, k_pos, s, e, kend):
+    qf = {n: t[:, :, s:e] for n, t in q_feats.items()}
+    kf = {n: t[:, :, :kend] for n, t in k_feats.items()}
+    return bias_fn(qf, kf, q_pos[s:e], k_pos[:kend])
+
+
+class _ChunkedBiasAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, bias_fn, chunk, q_names, k_names, n_params, q, k, v, *tensors):
+        B, H, Tq, D = q.shape
+        Tk = k.size(2)
+        q_feats = dict(zip(q_names, tensors[:len(q_names)]))
+        k_feats = dict(zip(k_names, tensors[len(q_names):len(q_names) + len(k_names)]))
+        q_pos, k_pos = _positions(Tq, Tk, q.device)
+        above = _above_diagonal(min(chunk, Tq), q.device)
+        out = torch.empty(B, H, Tq, v.size(-1), dtype=q.dtype, device=q.device)
+        for s, e, kend in _blocks(Tq, Tk, chunk):
+            c = e - s
+            # a fresh fp32 bias becomes the mask in place; a bf16 mask is a new tensor anyway
+            mask = _block_bias(bias_fn, q_feats, k_feats, q_pos, k_pos, s, e, kend).to(q.dtype).contiguous()
+            mask[..., kend - c:].masked_fill_(above[:c, :c], float("-inf"))
+            out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :kend], v[:, :, :kend],
+                                                            attn_mask=mask)
+        ctx.bias_fn, ctx.chunk, ctx.q_names, ctx.k_names, ctx.n_params = bias_fn, chunk, q_names, k_names, n_params
+        device_type = q.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.save_for_backward(q, k, v, out, *tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, *tensors = ctx.saved_tensors
+        nq, nk = len(ctx.q_names), len(ctx.k_names)
+        feats, params = tuple(tensors[:nq + nk]), tuple(tensors[nq + nk:])
+        B, H, Tq, D = q.shape
+        Tk, Dv = k.size(2), v.size(-1)
+        scale = 1.0 / math.sqrt(D)
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        q_pos, k_pos = _positions(Tq, Tk, q.device)
+        above = _above_diagonal(min(ctx.chunk, Tq), q.device)
+
+        # fp32 (B*H, T, D) copies: O(T), and they make every per-block product a plain batched matmul
+        as3 = lambda t: t.float().reshape(B * H, t.size(2), t.size(3))
+        q3, k3, v3, do3 = as3(q) * scale, as3(k), as3(v), as3(d_out)
+        delta = (do3 * as3(out)).sum(-1, keepdim=True)  # (B*H, Tq, 1): rowsum(P * dP) of the softmax backward
+        dq3 = torch.empty_like(q3)
+        dk3 = torch.zeros_like(k3)
+        dv3 = torch.zeros(B * H, Tk, Dv, dtype=torch.float32, device=q.device)
+        # which features and parameters the bias must be differentiated for (inputs after bias_fn .. v)
+        wants = list(ctx.needs_input_grad[8:])
+        grads_in = [None] * len(wants)  # summed over blocks; None where the bias never depends on the input
+
+        for s, e, kend in _blocks(Tq, Tk, ctx.chunk):
+            c = e - s
+            # the bias again; leaves on the feature slices so that autograd returns their gradients
+            leaves = [t[:, :, s:e] if i < nq else t[:, :, :kend] for i, t in enumerate(feats)]
+            leaves = [t.detach().requires_grad_() if w else t for t, w in zip(leaves, wants)]
+            with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+                bias = ctx.bias_fn(dict(zip(ctx.q_names, leaves[:nq])), dict(zip(ctx.k_names, leaves[nq:])),
+                                   q_pos[s:e], k_pos[:kend])
+            with torch.autocast(device_type, enabled=False):
+                S = torch.bmm(q3[:, s:e], k3[:, :kend].transpose(1, 2))  # (B*H, c, kend), already scaled
+                S.view(B, H, c, kend).add_(bias.detach().to(q.dtype))  # the forward's (possibly rounded) bias
+                S[:, :, kend - c:].masked_fill_(above[:c, :c], float("-inf"))
+                P = torch.softmax(S, dim=-1)
+                del S
+                do_b = do3[:, s:e]
+                dv3[:, :kend].baddbmm_(P.transpose(1, 2), do_b)
+                dS = torch.bmm(do_b, v3[:, :kend].transpose(1, 2)).sub_(delta[:, s:e]).mul_(P)
+                del P
+                dq3[:, s:e] = torch.bmm(dS, k3[:, :kend]).mul_(scale)
+                dk3[:, :kend].baddbmm_(dS.transpose(1, 2), q3[:, s:e])  # q3 carries the scale already
+            if bias.requires_grad:
+                grad = dS.view(B, H, c, kend)
+                if bias.size(0) == 1 and B > 1:
+                    grad = grad.sum(0, keepdim=True)
+                inputs = leaves + list(params)
+                index = [i for i, w in enumerate(wants) if w]
+                grads = torch.autograd.grad(bias, [inputs[i] for i in index], grad.to(bias.dtype), allow_unused=True)
+                for i, g in zip(index, grads):
+                    if g is None:
+                        continue
+                    if grads_in[i] is None:
+                        grads_in[i] = torch.zeros_like((feats + params)[i])
+                    rows = slice(s, e) if i < nq else slice(0, kend)
+                    (grads_in[i][:, :, rows] if i < nq + nk else grads_in[i]).add_(g)
+            del dS, bias
+
+        shape4 = lambda t3, like: t3.view(B, H, t3.size(1), t3.size(2)).to(like.dtype)
+        return (None, None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v), *grads_in)
