@@ -301,6 +301,30 @@ def _recorded_revision(out_dir: Path) -> str | None:
     return src.get("revision") if src.get("kind") == "huggingface" else None
 
 
+def _prepare_from_args(ap, args) -> int:
+    if args.version:
+        config, nominal = FINEWEB_EDU_VERSIONS[args.version]
+        out, prefix = REPO / "data" / "shards" / f"fineweb-edu{args.version}", "fineweb"
+        revision = args.revision or _recorded_revision(Path(args.out) if args.out else out)
+        if revision and not args.revision:
+            _log(f"continuing with the dataset commit recorded in the manifest: {revision}")
+        source = HFSource(FINEWEB_EDU, name=config, split="train", text_key=args.text_key, revision=revision,
+                          nominal_tokens=nominal)
+    elif args.sample:
+        files = sorted(SAMPLE_DIR.glob("*.txt.gz"))
+        if not files:
+            ap.error(f"no *.txt.gz in {SAMPLE_DIR}")
+        source, out, prefix = FileSource(files), REPO / "data" / "shards" / "sample", "sample"
+    else:
+        if args.out is None:
+            ap.error("--out is required with --input")
+        source, out, prefix = FileSource(args.input, text_key=args.text_key), None, "data"
+    shard_size = args.shard_size or (SAMPLE_SHARD_SIZE if args.sample else DEFAULT_SHARD_SIZE)
+    prepare(source, Path(args.out) if args.out else out, shard_size=shard_size, prefix=args.prefix or prefix,
+            workers=args.workers, max_shards=args.max_shards, progress=not args.no_progress)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -326,31 +350,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    if args.version:
-        config, nominal = FINEWEB_EDU_VERSIONS[args.version]
-        out, prefix = REPO / "data" / "shards" / f"fineweb-edu{args.version}", "fineweb"
-        revision = args.revision or _recorded_revision(Path(args.out) if args.out else out)
-        if revision and not args.revision:
-            _log(f"continuing with the dataset commit recorded in the manifest: {revision}")
-        source = HFSource(FINEWEB_EDU, name=config, split="train", text_key=args.text_key, revision=revision,
-                          nominal_tokens=nominal)
-    elif args.sample:
-        files = sorted(SAMPLE_DIR.glob("*.txt.gz"))
-        if not files:
-            ap.error(f"no *.txt.gz in {SAMPLE_DIR}")
-        source, out, prefix = FileSource(files), REPO / "data" / "shards" / "sample", "sample"
-    else:
-        if args.out is None:
-            ap.error("--out is required with --input")
-        source, out, prefix = FileSource(args.input, text_key=args.text_key), None, "data"
-    shard_size = args.shard_size or (SAMPLE_SHARD_SIZE if args.sample else DEFAULT_SHARD_SIZE)
     try:
-        prepare(source, Path(args.out) if args.out else out, shard_size=shard_size, prefix=args.prefix or prefix,
-                workers=args.workers, max_shards=args.max_shards, progress=not args.no_progress)
-    except (PrepError, shards.ShardError, ValueError, FileNotFoundError) as e:
-        _log(f"error: {e}")
+        return _prepare_from_args(ap, args)
+    except (PrepError, shards.ShardError, ValueError, OSError) as e:
+        hint = " (--version streams from the Hugging Face Hub, which must be reachable; a re-run resumes)" \
+            if args.version and isinstance(e, OSError) else ""
+        _log(f"error: {e}{hint}")
         return 2
-    return 0
 
 
 if __name__ == "__main__":

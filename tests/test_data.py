@@ -324,6 +324,12 @@ def test_huggingface_path_offline_matches_local_files(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    import datasets.config
+    import huggingface_hub.constants
+
+    # the env vars are read at import time; if another test imported these modules first, set the flags directly
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     docs = [f"Row {i}. " + "Some educational text. " * (i % 5) for i in range(50)]
     files = [str(write_parquet(tmp_path / f"p{k}.parquet", docs[k * 25:(k + 1) * 25], 7)) for k in range(2)]
     hf = HFSource("parquet", name=None, data_files=files)
