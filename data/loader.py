@@ -39,7 +39,8 @@ Validation (ValidationSet)
   (shard, T, num_tokens), never on batch size, rank or world size, so every evaluation sees the same tokens.
   batches(B, rank, world_size) splits the windows into consecutive global batches of B (the last may be shorter) and
   gives batch k to rank k % world_size. Exact multi-rank mean: each rank sums its per-token losses and counts its
-  target tokens; all-reduce both sums; divide. That equals the single-process mean over all K*T tokens.
+  target tokens; all-reduce both sums; divide. That is the single-process mean over all K*T tokens (up to the order
+  of floating-point summation).
 """
 
 from __future__ import annotations

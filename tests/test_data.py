@@ -542,3 +542,10 @@ def test_embedded_sample_prepares_with_the_cli(tmp_path):
     assert ValidationSet(out, seq_len=1024, num_tokens=131072).num_windows == 128
     r = subprocess.run([sys.executable, "-m", "data.fineweb_edu", "--help"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "--version" in r.stdout and "--sample" in r.stdout
+    # --sample: the sample's default shard size gives a 131,072-token validation shard
+    argv = ["--sample", "--out", str(tmp_path / "s"), "--workers", "0", "--max-shards", "2", "--no-progress"]
+    assert fineweb_edu.main(argv) == 0
+    assert [(p.name, shards.read_header(p)) for p in shard_files(tmp_path / "s")] == [
+        ("sample_val_000000.bin", 131072), ("sample_train_000001.bin", 131072)]
+    head = shards.open_shard(out / "data_val_000000.bin")[:131072]
+    assert np.array_equal(shards.open_shard(tmp_path / "s/sample_val_000000.bin"), head)
