@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "data" / "sample"
 SAMPLE_SHARD_SIZE = 131072   # sample is ~3.0M tokens: a 131k-token validation shard 0 and ~22 train shards
 DEFAULT_SHARD_SIZE = 10**8   # llm.c / GRAPE
-BATCH_DOCS = 256             # documents per tokenizer task; also the restart granularity (part of the manifest)
+BATCH_DOCS = 256             # documents per tokenizer job; also the restart granularity (part of the manifest)
 MANIFEST = "manifest.json"
 FORMAT = {"name": "llm.c token shard", "magic": shards.MAGIC, "version": shards.VERSION,
           "header_bytes": shards.HEADER_BYTES, "token_dtype": "uint16-le"}
@@ -166,24 +166,23 @@ def _log(msg: str) -> None:
 
 def _tokenized_batches(source, state, batch_docs, workers, stack):
     """Yield (start_state, tokens, doc_lengths, text_bytes) per batch, in order, with bounded work in flight."""
-    batches = ((st, texts) for st, texts in source.batches(state, batch_docs))
+    batches = source.batches(state, batch_docs)
     if workers == 0:
         tokenizer.init_worker()
         for st, texts in batches:
-            _, toks, lens, nbytes = tokenizer.encode_batch((0, texts))
-            yield st, toks, lens, nbytes
+            yield (st, *tokenizer.encode_batch(texts))
         return
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=tokenizer.init_worker)
     stack.callback(pool.terminate)
     pending = collections.deque()
     for st, texts in batches:
-        pending.append((st, pool.apply_async(tokenizer.encode_batch, ((0, texts),))))
-        if len(pending) > 2 * workers + 1:
+        pending.append((st, pool.apply_async(tokenizer.encode_batch, (texts,))))
+        if len(pending) > 2 * workers + 1:  # bounded: never read far ahead of the tokenizers
             st0, res = pending.popleft()
-            yield (st0, *res.get()[1:])
+            yield (st0, *res.get())
     while pending:
         st0, res = pending.popleft()
-        yield (st0, *res.get()[1:])
+        yield (st0, *res.get())
     pool.close()
     pool.join()
 

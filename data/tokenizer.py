@@ -160,9 +160,8 @@ def init_worker() -> None:
     _worker_enc = gpt2_encoding()
 
 
-def encode_batch(job):
-    """Worker task: job = (batch_id, texts). Returns (batch_id, uint16 tokens of all docs, per-doc lengths, bytes)."""
-    batch_id, texts = job
+def encode_batch(texts):
+    """Worker job: a batch of documents -> (uint16 tokens of all docs concatenated, per-doc lengths, UTF-8 bytes)."""
     enc = _worker_enc if _worker_enc is not None else gpt2_encoding()
     flat, lengths, nbytes = [], np.empty(len(texts), dtype=np.int64), 0
     for i, text in enumerate(texts):
@@ -172,4 +171,4 @@ def encode_batch(job):
         lengths[i] = len(ids) + 1
         nbytes += len(text.encode("utf-8"))
     # GPT-2 ids are < 50257 < 2**16, so uint16 is lossless (llm.c asserts the same)
-    return batch_id, np.array(flat, dtype=np.uint16), lengths, nbytes
+    return np.array(flat, dtype=np.uint16), lengths, nbytes
