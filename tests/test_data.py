@@ -342,6 +342,23 @@ def test_huggingface_path_offline_matches_local_files(tmp_path, monkeypatch):
     _prep(HFSource("parquet", name=None, data_files=files), tmp_path / "hf2", batch_docs=8)
     assert dir_bytes(tmp_path / "hf2") == dir_bytes(tmp_path / "hf")
 
+    # a network error in the middle of a file re-opens it at the same row: the stream is unchanged
+    import data.sources as sources
+
+    real, failures = sources._read_parquet, {"left": 2}
+
+    def flaky(path, skip, text_key, fileobj=None):
+        for k, text in enumerate(real(path, skip, text_key, fileobj)):
+            if k == 5 and failures["left"]:
+                failures["left"] -= 1
+                raise ConnectionResetError("simulated network error")
+            yield text
+
+    monkeypatch.setattr(sources, "_read_parquet", flaky)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+    assert [t for _, b in HFSource("parquet", name=None, data_files=files).batches(None, 8) for t in b] == docs
+    assert failures["left"] == 0
+
 
 # ---- permutation ----------------------------------------------------------------------------------------------------
 
