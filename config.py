@@ -1,0 +1,214 @@
+"""
+Run configuration: one flat set of typed keys, read from a TOML file and overridden on the command line.
+
+    python train.py configs/medium/rope.toml --max_steps=100 --out_dir=out/test
+
+Keys are the fields of `model.GPTConfig` (the model) plus those of `TrainConfig` below (everything else); the two
+sets do not overlap, so every key is addressed by its bare name. A config file may name a `base` file (a path
+relative to itself) whose keys it extends or overrides; bases may chain. Values are checked against the field
+types: an unknown key, a wrong type or a bad value is a `ConfigError` naming the file, the key and what is allowed.
+The fully resolved config (`resolved_dict`) is what checkpoints store and wandb receives.
+"""
+
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from model import GPTConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # ---- run and data
+    out_dir: str = "out/run"  # checkpoints, metrics.jsonl, config.json; an existing run here is resumed
+    data_dir: str = "data/shards/sample"  # llm.c-format shards: *_val_000000.bin and *_train_*.bin
+    document_aligned: bool = False  # windows start at an EOT token (default: plain windows, as the reference)
+    seed: int = 42  # model init; the data order uses data_seed
+    data_seed: int = 42
+    # ---- batch: the optimisation is fixed by global_batch_size whatever the number of processes
+    global_batch_size: int = 480  # sequences per optimizer step (of block_size tokens each)
+    micro_batch_size: int = 20  # sequences per forward/backward on one device
+    # ---- optimizer and schedule (the GRAPE reference: AdamW, warmup then cosine to min_lr)
+    max_steps: int = 25000
+    learning_rate: float = 1e-3
+    min_lr: float = 3e-5
+    warmup_steps: int = 2000
+    lr_decay_steps: int = 25000  # the cosine ends here; later steps use min_lr
+    weight_decay: float = 0.01  # on every parameter except RMSNorm gains
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    reference_loop_quirks: bool = False  # True reproduces the reference loop: the loss is not divided by the
+    # number of accumulation steps (so gradients and the clipped norm are summed) and max_steps + 1 updates run
+    # ---- evaluation, logging, checkpoints
+    eval_interval: int = 1000  # steps between validation runs (and at the last step); 0 = only at the end
+    val_tokens: int = 10_485_760  # fixed validation budget from shard 0, identical at every evaluation
+    log_interval: int = 10
+    checkpoint_interval: int = 1000  # steps between checkpoints (and at the last step)
+    keep_last: int = 2  # checkpoints kept besides the permanent ones
+    keep_every: int = 5000  # checkpoints at multiples of this step are never deleted (0 = none)
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "grape-pe"
+    wandb_run_name: str = ""  # default: the name of out_dir
+    # ---- hardware
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
+    compile: bool = False
+    fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP
+    peak_flops: float = 989e12  # per device, for MFU (H100 SXM bf16 dense)
+    model: GPTConfig = field(default_factory=GPTConfig)
+
+    def resolved_dict(self):
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        return {**self.model.to_dict(), **out}
+
+
+CHOICES = {"wandb": ("disabled", "offline", "online"), "dtype": ("auto", "bfloat16", "float32")}
+TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model"}
+MODEL_FIELDS = {f.name: f for f in fields(GPTConfig)}
+assert not TRAIN_FIELDS.keys() & MODEL_FIELDS.keys()
+
+
+def _allowed_types(annotation):
+    """The concrete types a field accepts, e.g. float | None -> (float, NoneType)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _check_type(key, value, where):
+    spec = MODEL_FIELDS.get(key) or TRAIN_FIELDS.get(key)
+    allowed = _allowed_types(spec.type)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # TOML "1" for a float key
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(f"{where}: key {key!r} must be {names}, got {value!r} ({type(value).__name__})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{where}: key {key!r} must be one of {CHOICES[key]}, got {value!r}")
+    return value
+
+
+def _unknown_key(key, where):
+    known = sorted(TRAIN_FIELDS) + sorted(MODEL_FIELDS)
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint} (model keys: {', '.join(sorted(MODEL_FIELDS))}; "
+                       f"training keys: {', '.join(sorted(TRAIN_FIELDS))})")
+
+
+def read_config_file(path, _seen=()):
+    """The merged key/value dict of a TOML config and its `base` chain (later files win)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: circular 'base' chain {[str(p) for p in _seen]}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    base = raw.pop("base", None)
+    merged = {}
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: key 'base' must be a path string, got {base!r}")
+        merged = read_config_file(path.parent / base, _seen + (path,))
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{path}: tables are not used; write '{key}.x' keys at the top level")
+        if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
+            raise _unknown_key(key, str(path))
+        merged[key] = (_check_type(key, value, str(path)), str(path))
+    return merged
+
+
+def parse_override(arg):
+    """'--key=value' -> (key, raw string value)."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"command-line override {arg!r} must look like --key=value")
+    key, value = arg[2:].split("=", 1)
+    return key.replace("-", "_"), value
+
+
+def _from_string(key, text, where):
+    spec = MODEL_FIELDS.get(key) or TRAIN_FIELDS.get(key)
+    allowed = _allowed_types(spec.type)
+    word = text.strip().lower()
+    if type(None) in allowed and word in ("none", "null"):
+        return None
+    if bool in allowed and word in ("true", "1", "yes", "false", "0", "no"):
+        return word in ("true", "1", "yes")
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if int in allowed and number is not None and number.is_integer():
+        return _check_type(key, int(number), where)  # accepts 480 and 1e5
+    if float in allowed and number is not None:
+        return _check_type(key, number, where)
+    if str in allowed:
+        return _check_type(key, text, where)
+    names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{where}: key {key!r} must be {names}, got {text!r}")
+
+
+def load_config(path=None, overrides=()):
+    """TrainConfig from a TOML file (or the defaults) plus '--key=value' overrides, validated."""
+    values = {k: v for k, (v, _) in read_config_file(path).items()} if path is not None else {}
+    for arg in overrides:
+        key, text = parse_override(arg)
+        if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
+            raise _unknown_key(key, f"override {arg!r}")
+        values[key] = _from_string(key, text, f"override {arg!r}")
+    return build_config(values, where=str(path) if path else "config")
+
+
+def build_config(values, where="config"):
+    """TrainConfig from a flat dict of already-typed values (e.g. a checkpoint's resolved config)."""
+    for key, value in values.items():
+        if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
+            raise _unknown_key(key, where)
+        _check_type(key, value, where)
+    model_kw = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+    train_kw = {k: v for k, v in values.items() if k in TRAIN_FIELDS}
+    try:
+        model = GPTConfig(**model_kw)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    cfg = TrainConfig(**train_kw, model=model)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg, where="config"):
+    positive = ["global_batch_size", "micro_batch_size", "max_steps", "val_tokens", "log_interval",
+                "checkpoint_interval", "keep_last"]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{where}: key {key!r} must be > 0, got {getattr(cfg, key)}")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "eval_interval",
+                "keep_every", "adam_eps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{where}: key {key!r} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ConfigError(f"{where}: min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate})")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"{where}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    return cfg
+
+
+def replace(cfg, **changes):
+    """A copy of cfg with some keys changed (model or training keys), re-validated."""
+    values = cfg.resolved_dict()
+    values.update(changes)
+    return build_config(values)
+

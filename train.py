@@ -1,0 +1,426 @@
+"""
+Pretrain a GPT with a chosen positional encoding on llm.c-format token shards (data/fineweb_edu.py makes them).
+
+    python train.py configs/tiny/rope.toml                                   # one process: CPU or one GPU
+    torchrun --standalone --nproc_per_node=8 train.py configs/medium/rope.toml
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \
+        --rdzv_id=$JOB_ID train.py configs/large/grape_ap.toml --out_dir=/ckpt/large_grape_ap
+
+Any config key can be overridden with --key=value (config.py lists them).
+
+One optimizer step consumes global_batch_size sequences of block_size tokens, whatever the number of processes:
+each of the W processes runs A = global_batch_size / (W * micro_batch_size) micro-steps (gradient accumulation;
+gradients are synchronised on the last one only), the loss of each micro-step is divided by A, so the update is
+the gradient of the mean loss over the global batch. The data loader hands rank r the r-th slice of each global
+micro-step, so 1 process x 2 accumulation steps and 2 processes x 1 step see the same sequences.
+
+Runs are resumable and pre-emptible: out_dir holds config.json and checkpoints (checkpoint.py); starting a run whose
+out_dir has a checkpoint continues from the newest complete one (weights, optimizer, step, tokens, data-loader
+position, RNG states), bit for bit. SIGTERM or SIGUSR1 saves a checkpoint at the end of the current step and exits
+with status 0. A non-finite loss stops the run with status 3 before anything is saved.
+
+Outputs: a log line per log_interval (step, loss, lr, grad norm, tokens/s, MFU, memory, ETA); out_dir/metrics.jsonl
+(one JSON object per log or eval event); wandb when enabled (offline mode needs no network).
+"""
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import checkpoint as ckpt
+from config import ConfigError, load_config
+from data.loader import TokenLoader, ValidationSet
+from model import GPT
+
+# Keys that may differ when a run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = {"max_steps", "eval_interval", "log_interval", "checkpoint_interval", "keep_last", "keep_every",
+                     "wandb", "wandb_project", "wandb_run_name", "device", "compile", "peak_flops", "out_dir",
+                     "micro_batch_size", "fsdp", "data_dir", "lr_decay_steps", "val_tokens"}
+EXIT_NONFINITE = 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Process group, device, precision
+
+
+class Dist:
+    """This process's place in the job: rank, world size, device; single-process when torchrun is not used."""
+
+    def __init__(self, cfg):
+        self.enabled = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        wanted = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if wanted.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={cfg.device!r} but CUDA is not available on this machine")
+            self.device = torch.device("cuda", self.local_rank if self.enabled or wanted == "cuda"
+                                       else int(wanted.split(":")[1]))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.enabled:
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
+                                    device_id=self.device if self.device.type == "cuda" else None)
+        self.master = self.rank == 0
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        if self.enabled:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.enabled:
+            dist.destroy_process_group()
+
+
+def autocast_context(cfg, device):
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def print0(d, *args):
+    if d.master:
+        print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def learning_rate(step, cfg):
+    """Linear warm-up to learning_rate over warmup_steps, cosine decay to min_lr at lr_decay_steps, then min_lr.
+    Step s (0-based) warms up with (s + 1) / warmup_steps; the reference uses s / warmup_steps, i.e. a first update
+    with lr 0 (reproduced by reference_loop_quirks)."""
+    ramp = step if cfg.reference_loop_quirks else step + 1
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * ramp / cfg.warmup_steps
+    if step >= cfg.lr_decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.lr_decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def total_steps(cfg):
+    """The number of optimizer updates: max_steps (the reference loop runs max_steps + 1)."""
+    return cfg.max_steps + 1 if cfg.reference_loop_quirks else cfg.max_steps
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model wrapping and state
+
+
+def build_model(cfg, d):
+    torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP2 shards it; DDP would broadcast it anyway)
+    with torch.device(d.device):
+        raw = GPT(cfg.model)
+    model = raw
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in raw.transformer.h:
+            fully_shard(block)
+        fully_shard(raw)
+    if cfg.compile:
+        model = torch.compile(model)
+    if d.enabled and not cfg.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return raw, model
+
+
+def set_grad_sync(model, cfg, enabled):
+    """Synchronise gradients only on the last micro-step of an accumulation."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.require_backward_grad_sync = enabled
+    elif cfg.fsdp:
+        model.set_requires_gradient_sync(enabled)
+
+
+def state_dicts(raw, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_state_dicts(raw, optimizer, model_state, optim_state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(raw, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def save(d, cfg, step, tokens, raw, optimizer, loader, reason):
+    """Write an atomic checkpoint of the state *after* `step` updates (collective: every rank calls it)."""
+    model_state, optim_state = state_dicts(raw, optimizer)
+    if d.master:
+        tmp = ckpt.prepare_staging(cfg.out_dir, step)
+    d.barrier()
+    tmp = ckpt.staging_dir(cfg.out_dir, step)
+    ckpt.write_rank_files(tmp, d.rank)
+    if d.master:
+        meta = dict(step=step, tokens=tokens, loader=loader.state_dict(), config=cfg.resolved_dict(),
+                    git=ckpt.git_revision(), world_size=d.world, reason=reason, time=time.time())
+        ckpt.write_main_files(tmp, model_state, optim_state, meta)
+    d.barrier()
+    if d.master:
+        path = ckpt.publish(cfg.out_dir, step)
+        ckpt.prune(cfg.out_dir, cfg.keep_last, cfg.keep_every)
+        print(f"saved {path} ({reason})", flush=True)
+    d.barrier()
+
+
+def check_resume_config(saved, cfg, where):
+    current = cfg.resolved_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(f"{where} holds a run with a different config ({detail}); use another out_dir or the "
+                          f"same config (only {sorted(RESUMABLE_CHANGES)} may change on resume)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, val, cfg, d, amp):
+    """Mean token loss over the fixed validation budget, identical for any world size (sum and count all-reduced)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)
+    for x, y in val.batches(cfg.micro_batch_size, d.rank, d.world, d.device, pad=cfg.fsdp):
+        with amp:
+            logits, _ = model(x, y)
+        total[0] += F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=-1,
+                                    reduction="sum").double()
+        total[1] += (y != -1).sum()
+    d.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+class Metrics:
+    """metrics.jsonl (append, rank 0) and wandb (when enabled)."""
+
+    def __init__(self, cfg, d, resumed_step):
+        self.d, self.wandb = d, None
+        self.path = Path(cfg.out_dir) / "metrics.jsonl"
+        if not d.master:
+            return
+        self.write(dict(event="start", step=resumed_step, world_size=d.world, git=ckpt.git_revision()))
+        if cfg.wandb != "disabled":
+            import wandb
+            id_file = Path(cfg.out_dir) / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or Path(cfg.out_dir).name,
+                                    id=run_id, resume="allow", mode=cfg.wandb, dir=cfg.out_dir,
+                                    config=cfg.resolved_dict())
+
+    def write(self, record):
+        if not self.d.master:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None and "step" in record:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                           step=record["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Main loop
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (cluster pre-emption): finish the current step, checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def train(cfg):
+    d = Dist(cfg)
+    try:
+        return _train(cfg, d)
+    finally:
+        d.close()
+
+
+def _train(cfg, d):
+    out_dir = Path(cfg.out_dir)
+    accum, rem = divmod(cfg.global_batch_size, d.world * cfg.micro_batch_size)
+    if rem or accum == 0:
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} must be a positive multiple of "
+                          f"world_size x micro_batch_size = {d.world} x {cfg.micro_batch_size}")
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp = autocast_context(cfg, d.device)
+
+    # ---- the run directory: a new run writes config.json; an existing one must match it
+    latest = ckpt.latest_checkpoint(out_dir)
+    config_file = out_dir / "config.json"
+    if config_file.exists():
+        check_resume_config(json.loads(config_file.read_text()), cfg, str(out_dir))
+    d.barrier()
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(json.dumps(cfg.resolved_dict(), indent=1, sort_keys=True))
+
+    raw, model = build_model(cfg, d)
+    optimizer = torch.optim.AdamW(raw.optimizer_param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  fused=d.device.type == "cuda" and not cfg.fsdp)
+    T = cfg.model.block_size
+    loader = TokenLoader(cfg.data_dir, seq_len=T, batch_size=cfg.micro_batch_size, rank=d.rank, world_size=d.world,
+                         seed=cfg.data_seed, vocab_size=cfg.model.vocab_size, document_aligned=cfg.document_aligned,
+                         device=d.device)
+    val = ValidationSet(cfg.data_dir, seq_len=T, num_tokens=cfg.val_tokens, vocab_size=cfg.model.vocab_size)
+
+    step, tokens = 0, 0
+    if latest is not None:
+        meta = ckpt.load_meta(latest)
+        check_resume_config(meta["config"], cfg, str(latest))
+        model_state = torch.load(latest / "model.pt", map_location="cpu", weights_only=True)
+        optim_state = torch.load(latest / "optimizer.pt", map_location="cpu", weights_only=False)
+        load_state_dicts(raw, optimizer, model_state, optim_state)
+        loader.load_state_dict(meta["loader"])
+        rng = ckpt.load_rank_rng(latest, d.rank) if meta["world_size"] == d.world else None
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        step, tokens = meta["step"], meta["tokens"]
+        print0(d, f"resumed from {latest} at step {step} ({tokens:,} tokens)")
+    n_steps = total_steps(cfg)
+    if step >= n_steps:
+        print0(d, f"{out_dir} is finished ({step} of {n_steps} steps); nothing to do")
+        return dict(step=step, finished=True)
+
+    metrics = Metrics(cfg, d, step)
+    stop = StopSignal()
+    n_params = raw.num_params()
+    L, H, D = cfg.model.n_layer, cfg.model.n_head, cfg.model.head_dim
+    flops_per_token = 6 * n_params + 12 * L * H * D * T  # PaLM appendix B; tied head counted once
+    tokens_per_step = cfg.global_batch_size * T
+    print0(d, f"{cfg.model.pos_encoding}{' + kv_shift' if cfg.model.kv_shift else ''}: {n_params:,} parameters, "
+              f"{d.world} process(es) x {accum} micro-steps x {cfg.micro_batch_size} x {T} tokens = "
+              f"{tokens_per_step:,} tokens/step, {n_steps} steps, device {d.device}")
+
+    model.train()
+    t_log, steps_since_log, t_start, start_step = time.time(), 0, time.time(), step
+    last_val = None
+    while step < n_steps:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            x, y = loader.next_batch()
+            set_grad_sync(model, cfg, micro == accum - 1)
+            with amp:
+                _, loss = model(x, y)
+            loss_sum += loss.detach()
+            (loss if cfg.reference_loop_quirks else loss / accum).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        # one collective per step: the mean loss, and whether any rank saw a stop signal
+        flags = torch.stack([loss_sum / accum, torch.tensor(float(stop.received is not None), device=d.device)])
+        d.all_reduce(flags)
+        mean_loss = flags[0].item() / d.world
+        if not math.isfinite(mean_loss) or not math.isfinite(grad_norm.item()):
+            print0(d, f"error: non-finite loss {mean_loss} or grad norm {grad_norm.item()} at step {step}; stopping "
+                      f"without saving (the last good checkpoint is kept). Lower the learning rate or check the data.")
+            metrics.write(dict(event="nonfinite", step=step, loss=mean_loss))
+            metrics.close()
+            sys.exit(EXIT_NONFINITE)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        steps_since_log += 1
+
+        last = step == n_steps
+        if step % cfg.log_interval == 0 or last:
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.time()
+            tok_s = steps_since_log * tokens_per_step / (now - t_log)
+            mfu = flops_per_token * tok_s / d.world / cfg.peak_flops
+            eta = (now - t_start) / max(1, step - start_step) * (n_steps - step)
+            mem = memory_mb(d.device)
+            print0(d, f"step {step}/{n_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | "
+                      f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | mem {mem:,.0f}MB | eta {format_eta(eta)}")
+            metrics.write(dict(event="train", step=step, tokens=tokens, loss=mean_loss, lr=lr,
+                               grad_norm=grad_norm.item(), tokens_per_s=tok_s, mfu=mfu, memory_mb=mem))
+            t_log, steps_since_log = time.time(), 0
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
+            last_val = evaluate(model, val, cfg, d, amp)
+            print0(d, f"step {step}/{n_steps} | val loss {last_val:.4f} ({val.num_tokens:,} tokens)")
+            metrics.write(dict(event="val", step=step, tokens=tokens, val_loss=last_val))
+        signalled = flags[1].item() > 0
+        if step % cfg.checkpoint_interval == 0 or last or signalled:
+            save(d, cfg, step, tokens, raw, optimizer, loader,
+                 reason="final" if last else f"signal {stop.received or 'on another rank'}" if signalled else "periodic")
+        if signalled and not last:
+            print0(d, f"stopping at step {step} after a pre-emption signal; rerun the same command to resume")
+            metrics.close()
+            return dict(step=step, finished=False, val_loss=last_val)
+    metrics.close()
+    return dict(step=step, finished=True, val_loss=last_val)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    path = argv[0] if argv and not argv[0].startswith("--") else None
+    try:
+        cfg = load_config(path, argv[1:] if path else argv)
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
