@@ -9,10 +9,9 @@ often have no route to it, so this module builds the identical Encoding from loc
      hashes, never a silent fallback);
   2. if that package is absent, tiktoken's normal path (its cache, else the network).
 
-Order 1 -> 2 is deliberate: the verified local files give the same merges as tiktoken without any network call or
-dependence on (or writes to) whatever an earlier process left in a temp-dir cache. The Encoding is built with tiktoken's own
-GPT-2 regex and special token, so ids are identical to `tiktoken.get_encoding("gpt2")` (tests/test_data.py checks
-this against tiktoken's loader fed with the same verified files).
+Order 1 -> 2 is deliberate: the verified local files give the same merges as tiktoken without any network call.
+tiktoken's own reader parses them (with the expected hashes, so its file cache cannot serve anything else), and the
+Encoding uses tiktoken's GPT-2 regex and special token, so ids are identical to `tiktoken.get_encoding("gpt2")`.
 
 Documents are encoded as llm.c does: [EOT] + encode_ordinary(text). encode_ordinary never parses special-token text,
 so a literal "<|endoftext|>" inside a document is ordinary characters, not token 50256.
@@ -64,44 +63,20 @@ def verify_bpe_file(path: str | os.PathLike, name: str) -> None:
                                  f"GPT-2 {name}: {expected}")
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's reversible byte <-> unicode-character map, inverted: the printable bytes stand for themselves, the
-    other 68 bytes are shifted to chr(256 + k) in increasing byte order (so no BPE token contains whitespace or
-    control characters)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {chr(b): b for b in printable}
-    shifted = [b for b in range(256) if b not in table.values()]
-    table.update({chr(256 + k): b for k, b in enumerate(shifted)})
-    return table
-
-
 def encoding_from_files(directory: str | os.PathLike):
     """The GPT-2 tiktoken Encoding built from DIR/vocab.bpe and DIR/encoder.json after verifying both sha256.
 
-    The files are parsed here (not through tiktoken.load, whose reader silently serves and fills a temp-dir cache):
-    encoder.json maps each token, written in GPT-2's byte-to-character alphabet, to its id, and for GPT-2 the id is
-    the BPE merge rank; vocab.bpe lists the 50,000 merges in rank order, which is cross-checked (merge i creates
-    the token of rank 256 + i).
-    """
-    import json
-
+    tiktoken's own reader parses the files (data_gym_to_mergeable_bpe_ranks); it is given the expected hashes, so
+    its cache can only ever serve the genuine files."""
     import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
     directory = Path(directory)
     for name in GPT2_FILES:
         verify_bpe_file(directory / name, name)
-    table = {ord(c): b for c, b in _byte_decoder().items()}
-
-    def to_bytes(token: str) -> bytes:
-        return token.translate(table).encode("latin-1")  # each character -> the byte it stands for
-
-    encoder = json.loads((directory / "encoder.json").read_text(encoding="utf-8"))
-    ranks = {to_bytes(tok): i for tok, i in encoder.items() if tok not in ("<|endoftext|>", "<|startoftext|>")}
-    merges = (directory / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
-    merges = [m.split(" ") for m in merges if m]
-    if sorted(ranks.values()) != list(range(EOT)) or len(merges) != EOT - 256 or any(
-            ranks.get(to_bytes(a + b)) != 256 + i for i, (a, b) in enumerate(merges)):
-        raise TokenizerFileError(f"{directory}: vocab.bpe and encoder.json are not a consistent GPT-2 vocabulary")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(directory / "vocab.bpe"), encoder_json_file=str(directory / "encoder.json"),
+        vocab_bpe_hash=GPT2_FILES["vocab.bpe"][1], encoder_json_hash=GPT2_FILES["encoder.json"][1])
     try:
         from tiktoken_ext.openai_public import r50k_pat_str as pat_str
     except ImportError:
