@@ -1,0 +1,96 @@
+"""scripts/export_hf.py: the exported transformers model computes our logits (Qwen3 for QK-norm before rotation, Llama
+without QK-norm, SmolLM3 for NoPE), the tokenizer encodes like tiktoken's GPT-2, and configurations without a
+transformers architecture are refused with a reason."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval  # noqa: F401
+from data.tokenizer import gpt2_encoding
+from eval.load import save_checkpoint
+from model import GPT, GPTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import export_hf  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=2, n_embd=64, head_dim=32, block_size=64, rope_base=500.0)
+
+
+def random_model(**kw):
+    """A tiny model whose every norm gain is random: a swapped or missing gain changes the logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kw, arch", [
+    (dict(pos_encoding="rope", qk_norm_before_rotary=True), "Qwen3ForCausalLM"),
+    (dict(pos_encoding="rope", qk_norm=False), "LlamaForCausalLM"),
+    (dict(pos_encoding="nope", qk_norm=False), "SmolLM3ForCausalLM"),
+])
+def test_exported_model_has_our_logits(tmp_path, kw, arch):
+    from transformers import AutoModelForCausalLM
+
+    model = random_model(**kw)
+    ckpt = save_checkpoint(model, tmp_path / "run", step=3)
+    out, got_arch, diff = export_hf.export(ckpt, tmp_path / "hf")
+    assert got_arch == arch and diff < 1e-4
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == arch and hf.config.tie_word_embeddings and hf.config.vocab_size == 50304
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(idx, all_logits=True)
+        theirs = hf(input_ids=idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["step"] == 3 and info["architecture"] == [arch]
+
+
+def test_rotation_sign_fix_is_needed():
+    """Without negating the second halves of W_q, W_k the RoPE logits differ (so the parity above is not vacuous)."""
+    model = random_model(pos_encoding="rope", qk_norm=False)
+    hf = export_hf.to_hf(model)
+    sd = export_hf.hf_state_dict(model, "LlamaForCausalLM")
+    for i in range(model.config.n_layer):
+        for name in ("q_proj", "k_proj"):
+            key = f"model.layers.{i}.self_attn.{name}.weight"
+            sd[key] = model.state_dict()[f"transformer.h.{i}.attn.c_{name[0]}.weight"]
+    hf.load_state_dict(sd, strict=False)
+    assert export_hf.max_logit_difference(model, hf) > 1e-3
+
+
+def test_tokenizer_matches_tiktoken(tmp_path):
+    from transformers import AutoTokenizer
+
+    export_hf.gpt2_tokenizer(64).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    enc = gpt2_encoding()
+    for text in ["Question: Which gas do plants take in?\nAnswer: carbon dioxide", "  spaces,\n\n\ttabs  ",
+                 "Ünïcödé 你好 3.14159 it's <|endoftext|> done"]:
+        assert tok.encode(text) == enc.encode(text, allowed_special={"<|endoftext|>"})
+    assert tok.eos_token_id == 50256 and tok.bos_token_id == 50256
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(pos_encoding="rope"), "reference order"),
+    (dict(pos_encoding="nope"), "NoPE with QK-norm"),
+    (dict(pos_encoding="alibi"), "alibi"),
+    (dict(pos_encoding="rope", qk_norm=False, kv_shift=True), "kv_shift"),
+])
+def test_unexportable_configs_are_refused(kw, match):
+    with pytest.raises(export_hf.ExportError, match=match):
+        export_hf.architecture(GPTConfig(**{**TINY, **kw}))
+
+
+def test_cli_reports_refusal(tmp_path, capsys):
+    ckpt = save_checkpoint(random_model(pos_encoding="rope"), tmp_path / "run")
+    assert export_hf.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
+    assert "reference order" in capsys.readouterr().err
