@@ -50,9 +50,10 @@ def _blocks(Tq, Tk, chunk):
         yield s, e, Tk - Tq + e
 
 
-def _above_diagonal(chunk, device):
-    """Strict upper triangle of a chunk x chunk block (key after query), sliced for a shorter last block."""
-    return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu_(1)
+def _above_diagonal(chunk, dtype, device):
+    """-inf on the strict upper triangle of a chunk x chunk block (key after query), 0 elsewhere; added to the last
+    columns of a block's logits (sliced for a shorter last block). Adding is cheaper than masked_fill on a view."""
+    return torch.full((chunk, chunk), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
 def _positions(Tq, Tk, device):
@@ -74,13 +75,13 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         q_feats = dict(zip(q_names, tensors[:len(q_names)]))
         k_feats = dict(zip(k_names, tensors[len(q_names):len(q_names) + len(k_names)]))
         q_pos, k_pos = _positions(Tq, Tk, q.device)
-        above = _above_diagonal(min(chunk, Tq), q.device)
+        above = _above_diagonal(min(chunk, Tq), q.dtype, q.device)
         out = torch.empty(B, H, Tq, v.size(-1), dtype=q.dtype, device=q.device)
         for s, e, kend in _blocks(Tq, Tk, chunk):
             c = e - s
             # a fresh fp32 bias becomes the mask in place; a bf16 mask is a new tensor anyway
             mask = _block_bias(bias_fn, q_feats, k_feats, q_pos, k_pos, s, e, kend).to(q.dtype).contiguous()
-            mask[..., kend - c:].masked_fill_(above[:c, :c], float("-inf"))
+            mask[..., kend - c:] += above[:c, :c]
             out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :kend], v[:, :, :kend],
                                                             attn_mask=mask)
         ctx.bias_fn, ctx.chunk, ctx.q_names, ctx.k_names, ctx.n_params = bias_fn, chunk, q_names, k_names, n_params
@@ -99,7 +100,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(D)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         q_pos, k_pos = _positions(Tq, Tk, q.device)
-        above = _above_diagonal(min(ctx.chunk, Tq), q.device)
+        above = _above_diagonal(min(ctx.chunk, Tq), torch.float32, q.device)
 
         # fp32 (B*H, T, D) copies: O(T), and they make every per-block product a plain batched matmul
         as3 = lambda t: t.float().reshape(B * H, t.size(2), t.size(3))
@@ -111,6 +112,9 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         # which features and parameters the bias must be differentiated for (inputs after bias_fn .. v)
         wants = list(ctx.needs_input_grad[8:])
         grads_in = [None] * len(wants)  # summed over blocks; None where the bias never depends on the input
+        # two (B*H, chunk, Tk) buffers for every block's logits / dS and probabilities: fresh multi-MB tensors per
+        # block would cost page faults on CPU
+        work = [torch.empty(B * H * min(ctx.chunk, Tq) * Tk, dtype=torch.float32, device=q.device) for _ in "SP"]
 
         for s, e, kend in _blocks(Tq, Tk, ctx.chunk):
             c = e - s
@@ -121,17 +125,16 @@ class _ChunkedBiasAttention(torch.autograd.Function):
                 bias = ctx.bias_fn(dict(zip(ctx.q_names, leaves[:nq])), dict(zip(ctx.k_names, leaves[nq:])),
                                    q_pos[s:e], k_pos[:kend])
             with torch.autocast(device_type, enabled=False):
-                S = torch.bmm(q3[:, s:e], k3[:, :kend].transpose(1, 2))  # (B*H, c, kend), already scaled
+                S, P = (w[:B * H * c * kend].view(B * H, c, kend) for w in work)
+                torch.bmm(q3[:, s:e], k3[:, :kend].transpose(1, 2), out=S)  # q3 carries the 1/sqrt(D)
                 S.view(B, H, c, kend).add_(bias.detach().to(q.dtype))  # the forward's (possibly rounded) bias
-                S[:, :, kend - c:].masked_fill_(above[:c, :c], float("-inf"))
-                P = torch.softmax(S, dim=-1)
-                del S
+                S[:, :, kend - c:] += above[:c, :c]
+                torch.softmax(S, dim=-1, out=P)
                 do_b = do3[:, s:e]
                 dv3[:, :kend].baddbmm_(P.transpose(1, 2), do_b)
-                dS = torch.bmm(do_b, v3[:, :kend].transpose(1, 2)).sub_(delta[:, s:e]).mul_(P)
-                del P
-                dq3[:, s:e] = torch.bmm(dS, k3[:, :kend]).mul_(scale)
-                dk3[:, :kend].baddbmm_(dS.transpose(1, 2), q3[:, s:e])  # q3 carries the scale already
+                dS = torch.bmm(do_b, v3[:, :kend].transpose(1, 2), out=S).sub_(delta[:, s:e]).mul_(P)
+                dq3[:, s:e].baddbmm_(dS, k3[:, :kend], beta=0.0, alpha=scale)
+                dk3[:, :kend].baddbmm_(dS.transpose(1, 2), q3[:, s:e])
             if bias.requires_grad:
                 grad = dS.view(B, H, c, kend)
                 if bias.size(0) == 1 and B > 1:
@@ -146,7 +149,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
                         grads_in[i] = torch.zeros_like((feats + params)[i])
                     rows = slice(s, e) if i < nq else slice(0, kend)
                     (grads_in[i][:, :, rows] if i < nq + nk else grads_in[i]).add_(g)
-            del dS, bias
+            del bias
 
         shape4 = lambda t3, like: t3.view(B, H, t3.size(1), t3.size(2)).to(like.dtype)
         return (None, None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v), *grads_in)

@@ -372,6 +372,10 @@ class Additive(nn.Module):
         return {}, {}
 
     def bias(self, q_feats, k_feats, q_pos, k_pos):
+        """The logit term b_h(i, j) for the queries and keys given, as a fresh (B|1, H, Tq, Tk) fp32 tensor (callers
+        may write into it). Called on slices: q_feats / q_pos for Tq consecutive queries, k_feats / k_pos for the
+        keys 0 .. Tk-1, and the queries are always the last Tq of those positions (training: Tq = Tk; a block of
+        the chunked path; decoding). Entries with key > query are ignored by the caller."""
         raise NotImplementedError
 
 
@@ -390,14 +394,21 @@ class ALiBi(Additive):
 
     def bias(self, q_feats, k_feats, q_pos, k_pos):
         dist = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
-        return -(self.slopes[:, None, None] * dist)[None]  # (1, H, Tq, Tk)
+        return dist * -self.slopes[None, :, None, None]  # (1, H, Tq, Tk)
 
 
 class FoX(Additive):
     """Forgetting Transformer (Lin et al., 2025): a data-dependent forget gate per token and head,
-        log f_{t,h} = logsigmoid(w_h . x_t + c_h) (fp32),  c_t = sum_{l <= t} log f_l (fp32 cumsum),
+        log f_{t,h} = logsigmoid(w_h . x_t + c_h) (fp32),  c_t = sum_{l <= t} log f_l,
         b_h(i, j) = c_i - c_j = sum_{l=j+1..i} log f_l   (GRAPE-A with endpoint-independent edges, paper App. C).
-    Gate: Linear(C -> H) with bias; weight by the global init, bias 0, so f ~ 0.5 at init. Decoding caches c_j."""
+    Gate: Linear(C -> H) with bias; weight by the global init, bias 0, so f ~ 0.5 at init. Decoding caches c_j.
+    Numerics: |c| grows like 0.69 t at init, so c_i - c_j of two fp32 numbers near the diagonal would carry an
+    absolute error ~ eps |c_i| (1e-4 at t = 4096; also in the reference's fused kernel). Here c is summed and kept in
+    fp64 ((B, H, T): free), and bias() re-centres it on the first query r of the slice it is given before rounding:
+    b = fp32(c_i - c_r) - fp32(c_j - c_r), whose error is ~ eps (|c_i - c_r| + |c_j - c_r|). Per block of the
+    chunked path that is the decay across one block near the diagonal (~1e-5 at 128 queries of f = 1/2), not over
+    the whole sequence as in the dense path (one slice, r = 0); far from the diagonal it is relative to |b|.
+    (r precedes every query of the slice, so no query's bias depends on a later token, not even in rounding.)"""
 
     def __init__(self, cfg):
         super().__init__()
@@ -410,13 +421,16 @@ class FoX(Additive):
 
     def features(self, x, q, k, v, positions, cache):
         log_f = F.logsigmoid(at_least_fp32(self.fgate(x))).transpose(1, 2)  # (B, H, T)
-        c = log_f.cumsum(-1)
+        c = log_f.double().cumsum(-1)
         if cache is not None and "c" in cache.feats:
             c = c + cache.feats["c"][..., -1:]
         return {"c": c}, {"c": c}
 
     def bias(self, q_feats, k_feats, q_pos, k_pos):
-        return q_feats["c"][..., :, None] - k_feats["c"][..., None, :]
+        ref = q_feats["c"][..., :1]  # the slice's first query: known to every row of it, so b stays causal
+        dtype = torch.promote_types(self.fgate.weight.dtype, torch.float32)  # fp32 (fp64 for an fp64 model)
+        c_q, minus_c_k = (q_feats["c"] - ref).to(dtype), (ref - k_feats["c"]).to(dtype)
+        return c_q[..., :, None] + minus_c_k[..., None, :]  # c_i - c_j; a sum's backward needs no negated copy
 
 
 class GrapeA(Additive):
@@ -465,14 +479,14 @@ class GrapeA(Additive):
         return q_feats, k_feats
 
     def bias(self, q_feats, k_feats, q_pos, k_pos):
-        dist = (q_pos[:, None] - k_pos[None, :]).float()
-        rate = 0.0
+        dist = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk), exact integers
+        kappa = -(F.softplus(at_least_fp32(self.omega)) * self.slopes)[:, None]  # (H, 1): folded into the rates,
+        rate = 0.0  # so that each gate's (B, H, T) rate meets the (Tq, Tk) distances in one broadcast product
         if "q" in self.gate:
-            rate = rate + q_feats["g"][..., :, None]
+            rate = rate + (kappa * q_feats["g"])[..., :, None]
         if "k" in self.gate:
-            rate = rate + k_feats["g"][..., None, :]
-        kappa = F.softplus(at_least_fp32(self.omega)) * self.slopes  # (H,)
-        return -(dist * kappa[:, None, None]) * rate  # (B, H, Tq, Tk)
+            rate = rate + (kappa * k_feats["g"])[..., None, :]
+        return rate * dist  # (B, H, Tq, Tk)
 
 
 class GrapeAP(Additive):
@@ -515,10 +529,19 @@ class GrapeAP(Additive):
         return {"p": p_query.transpose(1, 2)}, {"p": p_key.transpose(1, 2)}
 
     def bias(self, q_feats, k_feats, q_pos, k_pos):
-        e = q_feats["p"] @ k_feats["p"].transpose(-1, -2) / self.p_dim  # (B, H, Tq, Tk)
-        psi = (self.slopes[:, None, None] * F.logsigmoid(e)).masked_fill(causal_mask(q_pos, k_pos), 0.0)
-        suffix = psi.flip(-1).cumsum(-1).flip(-1)  # sum_{l >= j} psi(t, l)
-        return F.pad(suffix[..., 1:], (0, 1))  # sum_{l >= j+1}: exclusive, no cancellation
+        """The suffix sum over l in (j, t] as one forward cumsum: the edge scores are computed against the keys in
+        reverse order shifted by one, column m holding key l = k_end - m (m = 0: a zero probe at l = k_end, which
+        is after every query and so masked), so that cumsum(psi)[m] = sum_{l >= k_end - m} psi = b(t, k_end-1-m)
+        and one flip restores key order. No "row total - prefix" cancellation; psi(t, l > t) = 0 only needs the
+        first Tq columns (the queries are the last Tq positions)."""
+        Tq = q_pos.numel()
+        p_key = k_feats["p"]
+        p_key = torch.cat((torch.zeros_like(p_key[:, :, :1]), p_key[:, :, 1:].flip(2)), dim=2)
+        l_pos = k_pos[-1] + 1 - torch.arange(Tq, device=k_pos.device)  # the first Tq columns' key positions
+        e = (q_feats["p"] / self.p_dim) @ p_key.transpose(-1, -2)  # (B, H, Tq, Tk), keys reversed
+        log_sig = F.logsigmoid(e)
+        log_sig[..., :Tq].masked_fill_(causal_mask(q_pos, l_pos), 0.0)
+        return log_sig.cumsum(-1).flip(-1).mul_(self.slopes[:, None, None])
 
 
 def build_pe(cfg):

@@ -11,6 +11,16 @@ from test_model import tiny_config, tiny_model
 
 ATOL = 1e-5  # fp32, on outputs and on every gradient
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one thread is as fast, and immune to the stalls a second OpenMP thread suffers when
+    another process holds the other core (then this file takes minutes instead of seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 VARIANTS = [(pe, {}) for pe in ADDITIVE_PES] + [
     ("grape_ap", dict(grape_ap_tie="q")), ("grape_ap", dict(grape_ap_tie="k")),
     ("grape_ap", dict(grape_ap_tie="v", grape_ap_query_norm=True)), ("grape_ap", dict(grape_ap_query_norm=True)),
