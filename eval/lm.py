@@ -35,7 +35,7 @@ Scoring, per batch of requests sorted by total length (longest first, so the fir
     log-softmax entries, is_greedy = every continuation token is the argmax. Rows are right-padded; the model is
     causal, so padding never changes a row's logits. Only the scored positions go through the LM head: the hidden
     states are taken from the final norm (`transformer.ln_f`, whose output is what `lm_head` reads), which keeps
-    memory at B x T x C instead of B x T x vocab.
+    memory at B x T x C instead of B x T x vocab (eval/scoring.py).
 """
 
 import logging
@@ -48,8 +48,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from data.tokenizer import EOT, gpt2_encoding
+from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
 from eval.load import autocast, load_model, parse_overrides, resolve_device
+from eval.scoring import final_hidden_states, head_logits
 
 log = logging.getLogger(__name__)
 EOT_TEXT = "<|endoftext|>"
@@ -92,8 +93,6 @@ class GrapeLM(TemplateLM):
         self.prefix_eot = _as_bool(prefix_eot)
         self.max_gen_toks = int(max_gen_toks)
         self.tokenizer_enc = gpt2_encoding()
-        self._hidden = None
-        self.model.transformer.ln_f.register_forward_hook(self._keep_hidden)
 
     # ---- lm-eval's interface ------------------------------------------------------------------------------------
 
@@ -182,9 +181,6 @@ class GrapeLM(TemplateLM):
 
     # ---- computation --------------------------------------------------------------------------------------------
 
-    def _keep_hidden(self, module, inputs, output):
-        self._hidden = output
-
     @torch.no_grad()
     def score_tokens(self, pairs):
         """[(context_tokens, continuation_tokens)] -> [(sum of continuation log-probs, is_greedy)], one forward."""
@@ -201,17 +197,15 @@ class GrapeLM(TemplateLM):
         x = torch.zeros(len(inputs), width, dtype=torch.long)
         for row, inp in enumerate(inputs):
             x[row, :len(inp)] = torch.tensor(inp)
-        with autocast(self.device, self.dtype):
-            self.model(x.to(self.device))  # last-position logits only; the hook keeps every hidden state
-            hidden = self._hidden
+        with autocast(self.device, self.dtype), final_hidden_states(self.model) as store:
+            self.model(x.to(self.device))  # projects only the last position; the hook keeps every hidden state
             answers = []
             for row, ((start, end), (_, cont)) in enumerate(zip(spans, pairs)):
-                logits = self.model.lm_head(hidden[row, start:end]).float()
+                logits = head_logits(self.model, store["h"][row, start:end])
                 logp = F.log_softmax(logits, dim=-1)
                 target = torch.tensor(cont, device=logp.device)
                 total = logp.gather(-1, target[:, None]).sum().item()
                 answers.append((total, bool((logp.argmax(-1) == target).all())))
-        self._hidden = None
         return answers
 
     @torch.no_grad()
@@ -227,7 +221,7 @@ class GrapeLM(TemplateLM):
         with autocast(self.device, self.dtype):
             for _ in range(max_gen_toks):
                 logits, _ = self.model(x, cache=cache)
-                next_id = int(logits[0, -1].argmax())
+                next_id = int(logits[0, -1, :GPT2_N_VOCAB].argmax())  # rows past 50256 pad the vocabulary
                 if next_id == EOT:
                     break
                 generated.append(next_id)

@@ -122,7 +122,7 @@ def load_config(path, overrides=None):
 
 def load_model(path, device="cpu", overrides=None):
     """(model in eval mode without gradients, info) for a checkpoint or run directory. info: path, step, tokens,
-    config (the GPTConfig as a dict, overrides applied), overrides."""
+    config (the GPTConfig as a dict, overrides applied), overrides, trained_block_size (before overrides)."""
     path, cfg, meta = load_config(path, overrides)
     device = resolve_device(device)
     try:
@@ -141,7 +141,8 @@ def load_model(path, device="cpu", overrides=None):
                               f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     model.eval().requires_grad_(False)
     info = dict(path=str(path), step=meta.get("step"), tokens=meta.get("tokens"), config=cfg.to_dict(),
-                overrides=parse_overrides(overrides))
+                overrides=parse_overrides(overrides),
+                trained_block_size=meta["config"].get("block_size", cfg.block_size))
     return model, info
 
 

@@ -1,0 +1,290 @@
+"""
+Length extrapolation: loss and perplexity at multiples of the training length, per position, on held-out text.
+
+    python -m eval.extrapolation --checkpoint out/medium_rope out/medium_alibi --lengths 1x,2x,4x,8x,16x \
+        [--data-dir data/shards/fineweb-edu100B] [--tokens 1048576] [--stride 0.5x] [--modes nonoverlap,sliding] \
+        [--override rope_base=500000] [--batch-size 1] [--device cuda] [--dtype bfloat16] [--out DIR]
+
+Data: the validation shard (`*_val_000000.bin`, never trained on) of --data-dir (default data/shards/sample), its
+first --tokens tokens (default: 2^20, or the whole shard if shorter), the same span for every length and checkpoint.
+The shard is documents joined by EOT, so a window spans several documents once it is longer than a document;
+beyond the training length the curve measures how the model copes with positions and distances it never saw, which
+is what separates the PEs (FoX, Lin et al. 2025, and ALiBi, Press et al. 2022, report the same two protocols).
+
+Lengths: "Nx" is N times the checkpoint's training block_size (so checkpoints of different lengths are compared at
+the same multiples), a plain number is tokens.
+
+Two protocols per length L:
+    nonoverlap  consecutive windows of L + 1 tokens at stride L (x = w[:-1], y = w[1:]); every position 0..L-1 of
+                every window is scored. Gives the per-position loss curve (mean over windows): position p has
+                exactly p tokens of context.
+    sliding     windows of L tokens at stride S (--stride, default L/2, "Nx" or tokens); the first window scores all
+                its tokens, every later one only its last S, so each token is scored once with at least L - S
+                tokens of context (S = 1 is the ALiBi paper's sliding evaluation; costly).
+Reported: mean loss and perplexity = exp(mean loss) over the scored tokens, and (nonoverlap) the loss per position
+and its mean over each block of block_size positions ([0, T), [T, 2T), ...).
+
+Inference-time changes to the model (a different RoPE base, or scalings such as YaRN / position interpolation once
+GPTConfig has them) are config overrides passed through to the model: --override key=value (repeatable), applied to
+every checkpoint, recorded in the output. Give a checkpoint twice with a label to compare with and without, e.g.
+`--checkpoint A A --label base,yarn` with per-checkpoint overrides `--override-for yarn:rope_scaling=yarn`.
+
+Output (next to the first checkpoint's run directory unless --out): extrapolation_<UTC time>.json and .png (left:
+loss vs position, one line per checkpoint, at the longest length; right: loss vs evaluation length, both protocols).
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.load import CheckpointError, autocast, load_model, set_offline_defaults
+from eval.scoring import token_losses
+
+
+class DataError(ValueError):
+    pass
+
+
+def validation_tokens(data_dir, max_tokens=None):
+    """The first max_tokens tokens (int64 numpy) of data_dir's validation shard."""
+    from data import shards
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data directory not found: {data_dir} (python data/fineweb_edu.py --sample makes "
+                        f"data/shards/sample)")
+    try:
+        found = shards.find_shards(data_dir, "val")
+    except shards.ShardError as e:
+        raise DataError(str(e)) from None
+    if len(found) != 1:
+        raise DataError(f"{data_dir}: expected one validation shard (*_val_000000.bin), found "
+                        f"{[p.name for p in found]}")
+    tokens = shards.open_shard(found[0])
+    n = tokens.size if max_tokens is None else min(int(max_tokens), tokens.size)
+    return np.asarray(tokens[:n], dtype=np.int64), found[0]
+
+
+def parse_length(spec, block_size):
+    """'4x' -> 4 * block_size; '0.5x' -> block_size // 2; '8192' -> 8192."""
+    spec = str(spec).strip()
+    value = int(float(spec[:-1]) * block_size) if spec.endswith("x") else int(spec)
+    if value <= 0:
+        raise ValueError(f"length {spec!r} is not positive")
+    return value
+
+
+@torch.no_grad()
+def nonoverlap(model, tokens, L, batch_size, device, dtype):
+    """Per-position mean loss (L,) over the windows of L + 1 tokens at stride L, and the window count."""
+    k = (len(tokens) - 1) // L
+    if k < 1:
+        raise DataError(f"{len(tokens)} tokens hold no window of {L + 1}; use more --tokens or a shorter length")
+    total = torch.zeros(L, dtype=torch.float64)
+    for s in range(0, k, batch_size):
+        rows = range(s, min(s + batch_size, k))
+        w = torch.from_numpy(np.stack([tokens[r * L:r * L + L + 1] for r in rows])).to(device)
+        with autocast(device, dtype):
+            losses = token_losses(model, w[:, :-1], w[:, 1:])
+        total += losses.double().sum(0).cpu()
+    return (total / k).numpy(), k
+
+
+@torch.no_grad()
+def sliding(model, tokens, L, stride, batch_size, device, dtype):
+    """(sum of losses, scored tokens): windows of L at stride `stride`, each token scored once (see module doc)."""
+    n = len(tokens) - 1  # targets
+    width = min(L, n)
+    starts = list(range(0, n - width + 1, stride))
+    if starts[-1] + width < n:
+        starts.append(n - width)  # the tail: one more window, ending at the last token
+    jobs, covered = [], 0  # (window start, first offset not scored by an earlier window)
+    for st in starts:
+        jobs.append((st, max(covered - st, 0)))
+        covered = st + width
+    loss_sum, count = 0.0, 0
+    for b in range(0, len(jobs), batch_size):
+        batch = jobs[b:b + batch_size]
+        w = torch.from_numpy(np.stack([tokens[st:st + width + 1] for st, _ in batch])).to(device)
+        with autocast(device, dtype):
+            losses = token_losses(model, w[:, :-1], w[:, 1:])
+        for row, (_, first) in enumerate(batch):
+            loss_sum += losses[row, first:].double().sum().item()
+            count += width - first
+    assert count == n, (count, n)
+    return loss_sum, count
+
+
+def evaluate_checkpoint(path, lengths, tokens, modes, stride_spec, batch_size, device, dtype, overrides):
+    model, info = load_model(path, device=device, overrides=overrides)
+    T = info["trained_block_size"]
+    out = dict(path=info["path"], step=info["step"], pos_encoding=info["config"]["pos_encoding"],
+               kv_shift=info["config"]["kv_shift"], block_size=T, overrides=info["overrides"], nonoverlap={},
+               sliding={})
+    for spec in lengths:
+        L = parse_length(spec, T)
+        if "nonoverlap" in modes:
+            per_pos, k = nonoverlap(model, tokens, L, batch_size, device, dtype)
+            loss = float(per_pos.mean())
+            blocks = [float(per_pos[i:i + T].mean()) for i in range(0, L, T)]
+            out["nonoverlap"][str(L)] = dict(length_spec=spec, loss=loss, ppl=math.exp(loss), windows=k,
+                                             tokens=k * L, per_block=blocks, per_position=per_pos.tolist())
+            print(f"  {spec:>5} = {L:6d}  nonoverlap  loss {loss:.4f}  ppl {math.exp(loss):9.2f}  ({k} windows)",
+                  flush=True)
+        if "sliding" in modes:
+            S = parse_length(stride_spec, L) if str(stride_spec).endswith("x") else int(stride_spec)
+            S = max(1, min(S, L))
+            total, count = sliding(model, tokens, L, S, batch_size, device, dtype)
+            loss = total / count
+            out["sliding"][str(L)] = dict(length_spec=spec, stride=S, loss=loss, ppl=math.exp(loss), tokens=count)
+            print(f"  {spec:>5} = {L:6d}  sliding    loss {loss:.4f}  ppl {math.exp(loss):9.2f}  (stride {S})",
+                  flush=True)
+    del model
+    return out
+
+
+def smooth(y, width):
+    if width <= 1:
+        return np.asarray(y)
+    kernel = np.ones(width) / width
+    return np.convolve(y, kernel, mode="valid")
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for run in result["checkpoints"]:
+        if run["nonoverlap"]:
+            L = max(run["nonoverlap"], key=int)
+            y = np.asarray(run["nonoverlap"][L]["per_position"])
+            width = max(1, len(y) // 128)
+            ys = smooth(y, width)
+            ax1.plot(np.arange(len(ys)) + width, ys, label=run["label"], lw=1.2)
+            ax1.axvline(run["block_size"], color="gray", ls=":", lw=0.8)
+            xs = sorted(map(int, run["nonoverlap"]))
+            ax2.plot(xs, [run["nonoverlap"][str(x)]["loss"] for x in xs], "o-", label=f"{run['label']} (non-overlap)")
+        if run["sliding"]:
+            xs = sorted(map(int, run["sliding"]))
+            ax2.plot(xs, [run["sliding"][str(x)]["loss"] for x in xs], "s--", label=f"{run['label']} (sliding)")
+    ax1.set(xscale="log", xlabel="position (tokens)", ylabel="loss (nats, moving average)",
+            title="loss vs position, longest length, non-overlapping windows")
+    ax2.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="mean loss (nats)",
+            title="mean loss vs evaluation length")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.text(0.01, 0.01, "dotted: training length", transform=ax1.transAxes, fontsize=8, color="gray")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(result):
+    lines = []
+    for mode in ("nonoverlap", "sliding"):
+        lengths = sorted({int(L) for r in result["checkpoints"] for L in r[mode]})
+        if not lengths:
+            continue
+        lines += [f"**{mode}**: perplexity (loss) by evaluation length", "",
+                  "| checkpoint | " + " | ".join(map(str, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for r in result["checkpoints"]:
+            cells = [f"{r[mode][str(L)]['ppl']:.2f} ({r[mode][str(L)]['loss']:.3f})" if str(L) in r[mode] else "–"
+                     for L in lengths]
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def unique_stem(out_dir, stem):
+    for k in range(1000):
+        name = stem if k == 0 else f"{stem}_{k}"
+        try:
+            (out_dir / f"{name}.json").open("x").close()
+            return out_dir / name
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free result name for {stem} in {out_dir}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m eval.extrapolation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True)
+    p.add_argument("--label", default=None, help="comma-separated names, one per checkpoint")
+    p.add_argument("--lengths", default="1x,2x,4x,8x,16x")
+    p.add_argument("--modes", default="nonoverlap,sliding")
+    p.add_argument("--stride", default="0.5x", help="sliding-window stride: 'Nx' of the length, or tokens")
+    p.add_argument("--data-dir", default="data/shards/sample")
+    p.add_argument("--tokens", type=int, default=1 << 20, help="validation tokens used (the same for all lengths)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="GPTConfig override for every checkpoint (repeatable)")
+    p.add_argument("--override-for", action="append", default=[], metavar="LABEL:KEY=VALUE",
+                   help="GPTConfig override for the checkpoint with this label (repeatable)")
+    p.add_argument("--out", default=None, help="output directory (default: <first run dir>/eval)")
+    return p.parse_args(argv)
+
+
+def run(args):
+    from eval.load import resolve_checkpoint, resolve_device
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"nonoverlap", "sliding"} or not modes:
+        raise ValueError(f"--modes must be nonoverlap and/or sliding, got {args.modes!r}")
+    labels = args.label.split(",") if args.label else [None] * len(args.checkpoint)
+    if len(labels) != len(args.checkpoint):
+        raise ValueError(f"--label has {len(labels)} names for {len(args.checkpoint)} checkpoints")
+    per_label = {}
+    for item in args.override_for:
+        label, _, kv = item.partition(":")
+        if label not in labels:
+            raise ValueError(f"--override-for {item!r}: no checkpoint labelled {label!r} (labels: {labels})")
+        per_label.setdefault(label, []).append(kv)
+    lengths = [s for s in args.lengths.split(",") if s.strip()]
+    tokens, shard = validation_tokens(args.data_dir, args.tokens)
+    device = resolve_device(args.device)
+    result = dict(data=str(Path(shard).resolve()), tokens=int(len(tokens)), lengths=lengths, modes=modes,
+                  stride=args.stride, dtype=args.dtype, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  checkpoints=[])
+    for path, label in zip(args.checkpoint, labels):
+        overrides = args.override + per_label.get(label, [])
+        print(f"{path}" + (f" [{label}]" if label else "") + (f" overrides {overrides}" if overrides else ""))
+        run_ = evaluate_checkpoint(path, lengths, tokens, modes, args.stride, args.batch_size, device, args.dtype,
+                                   overrides)
+        run_["label"] = label or f"{run_['pos_encoding']}{'+kv_shift' if run_['kv_shift'] else ''} @ {run_['step']}"
+        result["checkpoints"].append(run_)
+    out_dir = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint[0]).parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = unique_stem(out_dir, "extrapolation_" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    stem.with_suffix(".json").write_text(json.dumps(result))
+    plot(result, stem.with_suffix(".png"))
+    return result, stem
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    set_offline_defaults()
+    try:
+        result, stem = run(args)
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(result))
+    print(f"wrote {stem}.json\n      {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

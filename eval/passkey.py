@@ -1,0 +1,209 @@
+"""
+Passkey retrieval: a random 5-digit number hidden at a chosen depth of filler text, retrieved by greedy decoding.
+
+    python -m eval.passkey --checkpoint out/medium_rope [out/medium_alibi ...] --lengths 1x,2x,4x,8x \
+        [--depths 0,0.25,0.5,0.75,1] [--trials 20] [--seed 0] [--batch-size 4] [--device cuda] [--override k=v]
+
+The prompt (Mohtashami & Jaggi, Landmark Attention, 2023; used by LongLoRA, YaRN and others), as tokens:
+
+    [EOT] "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz
+    you about the important info there." + filler x a + " The pass key is 12345. Remember it. 12345 is the pass
+    key." + filler x b + " What is the pass key? The pass key is"
+
+filler = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again." a + b filler
+copies make the prompt as long as possible without exceeding the target length (in tokens, EOT included);
+a = round(depth * (a + b)), so depth 0 puts the key right after the instruction and depth 1 right before the
+question. The model continues greedily for up to 8 tokens through its KV cache; a trial is correct when the first
+number in the continuation is the passkey. Each (length, depth) cell draws `trials` keys from a seeded generator,
+the same keys for every checkpoint.
+
+Lengths: "Nx" is N times the checkpoint's training block_size, or a number of tokens. Output (next to the first
+checkpoint's run directory unless --out): passkey_<UTC time>.json (every trial: key, answer, correct) and .png (one
+accuracy heat map per checkpoint, depth x length), and a markdown table on stdout.
+"""
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
+from eval.extrapolation import parse_length, unique_stem
+from eval.load import CheckpointError, autocast, load_model, resolve_checkpoint, resolve_device, set_offline_defaults
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important info there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+MAX_NEW_TOKENS = 8
+
+
+def build_prompt(enc, key, length, depth):
+    """Token ids of a prompt of at most `length` tokens with `key` at `depth` in [0, 1]; (ids, filler copies)."""
+    intro = [EOT] + enc.encode(INTRO)
+    filler, needle, question = enc.encode(FILLER), enc.encode(NEEDLE.format(key=key)), enc.encode(QUESTION)
+    fixed = len(intro) + len(needle) + len(question)
+    copies = (length - fixed) // len(filler)
+    if copies < 0:
+        raise ValueError(f"a passkey prompt needs at least {fixed} tokens; length {length} is too short")
+    before = round(depth * copies)
+    ids = intro + filler * before + needle + filler * (copies - before) + question
+    return ids, copies
+
+
+def first_number(text):
+    m = re.search(r"\d+", text)
+    return m.group(0) if m else None
+
+
+@torch.no_grad()
+def greedy_continue(model, prompts, device, dtype, max_new_tokens=MAX_NEW_TOKENS):
+    """Greedy continuations (token lists) of equally long prompts, batched through one KV cache; the argmax runs
+    over GPT-2's 50,257 tokens (the rest of the 50,304 rows are padding, never a token)."""
+    x = torch.tensor(prompts, device=device)
+    cache = model.new_cache()
+    out = []
+    with autocast(device, dtype):
+        logits, _ = model(x, cache=cache)
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1, :GPT2_N_VOCAB].argmax(-1, keepdim=True)  # ids past 50256 are vocabulary padding
+            out.append(nxt)
+            logits, _ = model(nxt, cache=cache)
+    return torch.cat(out, 1).tolist()
+
+
+def evaluate_checkpoint(path, lengths, depths, trials, seed, batch_size, device, dtype, overrides):
+    enc = gpt2_encoding()
+    model, info = load_model(path, device=device, overrides=overrides)
+    T = info["trained_block_size"]
+    cells = []
+    for spec in lengths:
+        L = parse_length(spec, T)
+        for depth in depths:
+            rng = random.Random(f"{seed}-{spec}-{depth}")  # same keys for every checkpoint
+            keys = [str(rng.randint(10000, 99999)) for _ in range(trials)]
+            prompts = [build_prompt(enc, k, L, depth)[0] for k in keys]
+            groups = {}
+            for i, p in enumerate(prompts):  # keys of different token counts give prompts of different lengths
+                groups.setdefault(len(p), []).append(i)
+            answers = [None] * trials
+            for idx in groups.values():
+                for b in range(0, len(idx), batch_size):
+                    rows = idx[b:b + batch_size]
+                    for r, cont in zip(rows, greedy_continue(model, [prompts[r] for r in rows], device, dtype)):
+                        answers[r] = enc.decode([t for t in cont if t != EOT])
+            results = [dict(key=k, answer=a, correct=first_number(a) == k) for k, a in zip(keys, answers)]
+            acc = sum(r["correct"] for r in results) / trials
+            cells.append(dict(length_spec=spec, length=L, prompt_tokens=max(map(len, prompts)), depth=depth,
+                              accuracy=acc, trials=results))
+            print(f"  {spec:>5} = {L:6d} depth {depth:.2f}: accuracy {acc:.2f}", flush=True)
+    return dict(path=info["path"], step=info["step"], pos_encoding=info["config"]["pos_encoding"],
+                kv_shift=info["config"]["kv_shift"], block_size=T, overrides=info["overrides"], cells=cells)
+
+
+def table(result):
+    lines = []
+    for run in result["checkpoints"]:
+        lengths = list(dict.fromkeys(c["length"] for c in run["cells"]))
+        depths = list(dict.fromkeys(c["depth"] for c in run["cells"]))
+        acc = {(c["length"], c["depth"]): c["accuracy"] for c in run["cells"]}
+        lines += [f"**{run['label']}**: passkey accuracy (%), {result['trials']} trials per cell", "",
+                  "| depth \\ length | " + " | ".join(map(str, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
+        for d in depths:
+            lines.append(f"| {d:g} | " + " | ".join(f"{100 * acc[(L, d)]:.0f}" for L in lengths) + " |")
+        mean = [sum(acc[(L, d)] for d in depths) / len(depths) for L in lengths]
+        lines += ["| mean | " + " | ".join(f"{100 * m:.0f}" for m in mean) + " |", ""]
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = result["checkpoints"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs) + 1, 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        lengths = list(dict.fromkeys(c["length"] for c in run["cells"]))
+        depths = list(dict.fromkeys(c["depth"] for c in run["cells"]))
+        acc = {(c["length"], c["depth"]): c["accuracy"] for c in run["cells"]}
+        grid = np.array([[acc[(L, d)] for L in lengths] for d in depths])
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+        ax.set(xlabel="prompt length (tokens)", ylabel="depth", title=run["label"])
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m eval.passkey", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True)
+    p.add_argument("--label", default=None, help="comma-separated names, one per checkpoint")
+    p.add_argument("--lengths", default="1x,2x,4x,8x")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="GPTConfig override for every checkpoint (repeatable)")
+    p.add_argument("--out", default=None, help="output directory (default: <first run dir>/eval)")
+    return p.parse_args(argv)
+
+
+def run(args):
+    labels = args.label.split(",") if args.label else [None] * len(args.checkpoint)
+    if len(labels) != len(args.checkpoint):
+        raise ValueError(f"--label has {len(labels)} names for {len(args.checkpoint)} checkpoints")
+    depths = [float(d) for d in args.depths.split(",") if d.strip()]
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ValueError(f"--depths must lie in [0, 1], got {depths}")
+    lengths = [s.strip() for s in args.lengths.split(",") if s.strip()]
+    device = resolve_device(args.device)
+    result = dict(lengths=lengths, depths=depths, trials=args.trials, seed=args.seed, dtype=args.dtype,
+                  prompt=dict(intro=INTRO, filler=FILLER, needle=NEEDLE, question=QUESTION),
+                  time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), checkpoints=[])
+    for path, label in zip(args.checkpoint, labels):
+        print(path + (f" [{label}]" if label else ""))
+        run_ = evaluate_checkpoint(path, lengths, depths, args.trials, args.seed, args.batch_size, device,
+                                   args.dtype, args.override)
+        run_["label"] = label or f"{run_['pos_encoding']}{'+kv_shift' if run_['kv_shift'] else ''} @ {run_['step']}"
+        result["checkpoints"].append(run_)
+    out_dir = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint[0]).parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = unique_stem(out_dir, "passkey_" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(result, stem.with_suffix(".png"))
+    return result, stem
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    set_offline_defaults()
+    try:
+        result, stem = run(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(result))
+    print(f"wrote {stem}.json\n      {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
