@@ -28,6 +28,7 @@ accumulates dK, dV in fp32. The PE's bias is recomputed under the autocast state
 differentiate the same function.
 """
 
+import functools
 import math
 
 import torch
@@ -39,7 +40,7 @@ def chunked_bias_attention(q, k, v, q_feats, k_feats, bias_fn, params=(), chunk=
     bias_fn(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq', Tk') fp32; params: the tensors bias_fn reads that need
     gradients (a PE's parameters). Returns (B, H, Tq, D) in q's dtype."""
     q_names, k_names = tuple(q_feats), tuple(k_feats)
-    return _ChunkedBiasAttention.apply(bias_fn, int(chunk), q_names, k_names, len(params), q, k, v,
+    return _ChunkedBiasAttention.apply(bias_fn, int(chunk), q_names, k_names, q, k, v,
                                        *(q_feats[n] for n in q_names), *(k_feats[n] for n in k_names), *params)
 
 
@@ -69,7 +70,8 @@ def _block_bias(bias_fn, q_feats, k_feats, q_pos, k_pos, s, e, kend):
 class _ChunkedBiasAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, bias_fn, chunk, q_names, k_names, n_params, q, k, v, *tensors):
+    def forward(ctx, bias_fn, chunk, q_names, k_names, q, k, v, *tensors):
+        """tensors: the query features, the key features (in q_names / k_names order), then the parameters."""
         B, H, Tq, D = q.shape
         Tk = k.size(2)
         q_feats = dict(zip(q_names, tensors[:len(q_names)]))
@@ -84,7 +86,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
             mask[..., kend - c:] += above[:c, :c]
             out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :kend], v[:, :, :kend],
                                                             attn_mask=mask)
-        ctx.bias_fn, ctx.chunk, ctx.q_names, ctx.k_names, ctx.n_params = bias_fn, chunk, q_names, k_names, n_params
+        ctx.bias_fn, ctx.chunk, ctx.q_names, ctx.k_names = bias_fn, chunk, q_names, k_names
         device_type = q.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.save_for_backward(q, k, v, out, *tensors)
@@ -109,8 +111,8 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         dq3 = torch.empty_like(q3)
         dk3 = torch.zeros_like(k3)
         dv3 = torch.zeros(B * H, Tk, Dv, dtype=torch.float32, device=q.device)
-        # which features and parameters the bias must be differentiated for (inputs after bias_fn .. v)
-        wants = list(ctx.needs_input_grad[8:])
+        # which features and parameters the bias must be differentiated for
+        wants = list(ctx.needs_input_grad[-len(tensors):]) if tensors else []
         grads_in = [None] * len(wants)  # summed over blocks; None where the bias never depends on the input
         # two (B*H, chunk, Tk) buffers for every block's logits / dS and probabilities: fresh multi-MB tensors per
         # block would cost page faults on CPU
@@ -152,4 +154,44 @@ class _ChunkedBiasAttention(torch.autograd.Function):
             del bias
 
         shape4 = lambda t3, like: t3.view(B, H, t3.size(1), t3.size(2)).to(like.dtype)
-        return (None, None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v), *grads_in)
+        return (None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v), *grads_in)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FlexAttention (opt-in, attn_impl="flex", CUDA): for the separable biases only (model.PairwiseAdditive), whose
+# b(i, j) is an elementwise function of per-token features, so that it can be a score_mod: one compiled kernel, no
+# bias tensor at all; the gradients of the captured features and parameters are FlexAttention's (its learnable-bias
+# support). On CPU, torch 2.13 has no FlexAttention backward and its uncompiled form builds the full score matrix,
+# so the model keeps the chunked path there; the tests run this function uncompiled, forward only, against it.
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_block_mask(Tq, Tk, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = Tk - Tq
+    return create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, Tq, Tk, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def flex_pairwise_attention(q, k, v, q_feats, k_feats, pair_fn, compiled=True):
+    """Causal attention with logits <q_i, k_j> / sqrt(D) + pair_fn(q_feats at i, k_feats at j, i - j, head), queries
+    the last Tq of Tk positions. Features are read in fp32 (FoX's fp64 running sum included: inside the kernel
+    c_i - c_j is then an fp32 difference, as in FoX's own kernel, not re-centred per block)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    Tq, Tk = q.size(2), k.size(2)
+    offset = Tk - Tq
+    qf = {n: t.float() for n, t in q_feats.items()}
+    kf = {n: t.float() for n, t in k_feats.items()}
+
+    def score_mod(score, b, h, i, j):
+        bias = pair_fn({n: t[b, h, i] for n, t in qf.items()}, {n: t[b, h, j] for n, t in kf.items()},
+                       (i + offset - j).to(torch.float32), lambda t: t[h])
+        return score + bias.to(score.dtype)
+
+    attend = _compiled_flex_attention() if compiled else flex_attention
+    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_mask(Tq, Tk, str(q.device)))

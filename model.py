@@ -23,9 +23,13 @@ The interface a PE implements (so that new PEs slot in without touching the mode
     Additive.features(x, q, k, v, positions, cache) -> (q_feats, k_feats)
                                                 per-token tensors laid out (B, H, T, ...); k_feats are appended
                                                 to the KV cache, so decoding never recomputes past tokens.
-    Additive.bias(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq, Tk) fp32 logit term, read where k_pos <= q_pos.
-There is exactly one attention entry point (CausalSelfAttention.attend). It builds the additive term for the
-current call only; nothing of size T x T is ever kept across calls or layers.
+    Additive.bias(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq, Tk) fp32 logit term, read where k_pos <= q_pos;
+                                                called on slices (a block of queries, the keys up to its last
+                                                position), so each PE's formula lives in its bias() only.
+There is exactly one attention entry point (CausalSelfAttention.attend). By default (attn_impl="chunked") it feeds
+SDPA one block of attn_chunk_size queries at a time, with that block's bias, and recomputes the bias in the backward
+(chunked_attention.py): no T x T tensor is built, kept, or saved for the backward, and the results are those of the
+dense path (attn_impl="dense": one (B, H, T, T) bias, the reference it is tested against).
 
 Conventions shared with the reference code (so that the same weights give the same logits):
     * rotation pairs are half-split, (m, m + D/2), and each pair is rotated by -phi (HF rotates by +phi);
@@ -37,9 +41,11 @@ Deliberate departures from the reference code, each exact in real arithmetic:
     * KV-shift at decoding: the first token is mixed with a zero predecessor, as in training (the reference
       returns a lone first token unmixed, so its cached and full forwards disagree).
     * GRAPE-M-ctx: the cumulative phase is summed in fp64 (then rounded to fp32), not in fp32.
-    * GRAPE-AP: the path sum b(t, j) = sum_{l=j+1..t} psi(t, l) is a reverse cumulative sum instead of
-      "row total - inclusive cumsum", which loses ~1e-4 in fp32 once row totals reach 1e3; its probes are kept
-      in fp32 (they are 8-dimensional, so this costs nothing).
+    * FoX: c = cumsum(log f) is summed and kept in fp64, and c_i - c_j is rounded to fp32 after re-centring on the
+      first query of the slice, so a block's near-diagonal biases do not inherit the rounding of |c| ~ 0.69 t.
+    * GRAPE-AP: the path sum b(t, j) = sum_{l=j+1..t} psi(t, l) is a cumulative sum over the keys in reverse order
+      instead of "row total - inclusive cumsum", which loses ~1e-4 in fp32 once row totals reach 1e3; its probes
+      are kept in fp32 (they are 8-dimensional, so this costs nothing).
 """
 
 import math
@@ -49,12 +55,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chunked_attention import chunked_bias_attention
+from chunked_attention import chunked_bias_attention, flex_pairwise_attention
 
 ROTARY_PES = ("rope", "grape_m", "grape_m_ctx")
 ADDITIVE_PES = ("alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap")
 GRAPE_AP_TIES = ("none", "q", "k", "v")
-ATTN_IMPLS = ("chunked", "dense")
+ATTN_IMPLS = ("chunked", "dense", "flex")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -95,7 +101,9 @@ class GPTConfig:
     grape_ap_query_norm: bool = False  # False = reference (raw query probe); True = paper eq. 5.1 (both normalised)
     # How an additive PE's bias meets attention (CausalSelfAttention.attend). "chunked": exact, blocks of
     # attn_chunk_size queries, O(B H T chunk) memory in forward and backward (chunked_attention.py); "dense": one
-    # (B, H, T, T) bias through SDPA, O(B H T^2) memory, kept as the reference the chunked path is tested against.
+    # (B, H, T, T) bias through SDPA, O(B H T^2) memory, kept as the reference the chunked path is tested against;
+    # "flex": FlexAttention with the bias as a score_mod for ALiBi, FoX and GRAPE-A on CUDA (the chunked path on
+    # CPU, for GRAPE-AP and for cached decoding).
     attn_impl: str = "chunked"
     attn_chunk_size: int = 128
 
@@ -379,7 +387,25 @@ class Additive(nn.Module):
         raise NotImplementedError
 
 
-class ALiBi(Additive):
+class PairwiseAdditive(Additive):
+    """An additive PE whose b_h(i, j) is an elementwise function of a query's features, a key's features, the
+    distance i - j and per-head constants: the separable biases (ALiBi, FoX, GRAPE-A). Its formula lives in
+    pair(); bias() evaluates it on a (Tq, Tk) block by broadcasting, the FlexAttention path one score at a time."""
+
+    def pair(self, q, k, dist, head):
+        """b for per-query values q[name] and per-key values k[name] (feature entries, broadcastable against each
+        other and against dist = i - j in fp32); head(t) picks the current head's entry of an (H,) tensor."""
+        raise NotImplementedError
+
+    def bias(self, q_feats, k_feats, q_pos, k_pos):
+        q = {name: t[..., :, None] for name, t in q_feats.items()}  # (B, H, Tq, 1)
+        k = {name: t[..., None, :] for name, t in k_feats.items()}  # (B, H, 1, Tk)
+        dist = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk), exact integers
+        b = self.pair(q, k, dist, lambda t: t[:, None, None])
+        return b if b.dim() == 4 else b[None]  # (1, H, Tq, Tk) when no feature has a batch axis
+
+
+class ALiBi(PairwiseAdditive):
     """ALiBi (Press et al., 2022): b_h(i, j) = -s_h (i - j), s_h = alibi_slopes(H). GRAPE paper §4.2: the exact
     GL(d+2) unipotent lift q^ = [q; 1; 0], k^ = [k; 0; 1], A_h = -s_h e_{d+2} e_{d+1}^T."""
 
@@ -392,12 +418,11 @@ class ALiBi(Additive):
     def reset_parameters(self):
         self.slopes.copy_(torch.tensor(alibi_slopes(self.slopes.numel())))
 
-    def bias(self, q_feats, k_feats, q_pos, k_pos):
-        dist = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk)
-        return dist * -self.slopes[None, :, None, None]  # (1, H, Tq, Tk)
+    def pair(self, q, k, dist, head):
+        return -head(self.slopes) * dist
 
 
-class FoX(Additive):
+class FoX(PairwiseAdditive):
     """Forgetting Transformer (Lin et al., 2025): a data-dependent forget gate per token and head,
         log f_{t,h} = logsigmoid(w_h . x_t + c_h) (fp32),  c_t = sum_{l <= t} log f_l,
         b_h(i, j) = c_i - c_j = sum_{l=j+1..i} log f_l   (GRAPE-A with endpoint-independent edges, paper App. C).
@@ -426,14 +451,17 @@ class FoX(Additive):
             c = c + cache.feats["c"][..., -1:]
         return {"c": c}, {"c": c}
 
+    def pair(self, q, k, dist, head):
+        return q["c"] + -k["c"]  # c_i - c_j, negating the key operand: a broadcast sum's backward copies nothing
+
     def bias(self, q_feats, k_feats, q_pos, k_pos):
         ref = q_feats["c"][..., :1]  # the slice's first query: known to every row of it, so b stays causal
         dtype = torch.promote_types(self.fgate.weight.dtype, torch.float32)  # fp32 (fp64 for an fp64 model)
-        c_q, minus_c_k = (q_feats["c"] - ref).to(dtype), (ref - k_feats["c"]).to(dtype)
-        return c_q[..., :, None] + minus_c_k[..., None, :]  # c_i - c_j; a sum's backward needs no negated copy
+        centred = lambda feats: {"c": (feats["c"] - ref).to(dtype)}
+        return super().bias(centred(q_feats), centred(k_feats), q_pos, k_pos)
 
 
-class GrapeA(Additive):
+class GrapeA(PairwiseAdditive):
     """Additive GRAPE with content gates (paper §4, eq. 4.6; reference llama-mha-grape-a-{query,key,querykey}gated):
         b_h(i, j) = -(i - j) * softplus(omega_h) * s_h * r_h(i, j),
         r = g_q(i) (gate "q"), g_k(j) (gate "k"), or g_q(i) + g_k(j) (gate "qk"),
@@ -478,15 +506,15 @@ class GrapeA(Additive):
         k_feats = {"g": self._gate(k, self.u)} if "k" in self.gate else {}
         return q_feats, k_feats
 
-    def bias(self, q_feats, k_feats, q_pos, k_pos):
-        dist = (q_pos[:, None] - k_pos[None, :]).float()  # (Tq, Tk), exact integers
-        kappa = -(F.softplus(at_least_fp32(self.omega)) * self.slopes)[:, None]  # (H, 1): folded into the rates,
-        rate = 0.0  # so that each gate's (B, H, T) rate meets the (Tq, Tk) distances in one broadcast product
+    def pair(self, q, k, dist, head):
+        # -kappa_h is folded into each gate's per-token rate before the rate meets the (Tq, Tk) distances
+        kappa = -head(F.softplus(at_least_fp32(self.omega)) * self.slopes)
+        rate = 0.0
         if "q" in self.gate:
-            rate = rate + (kappa * q_feats["g"])[..., :, None]
+            rate = rate + kappa * q["g"]
         if "k" in self.gate:
-            rate = rate + (kappa * k_feats["g"])[..., None, :]
-        return rate * dist  # (B, H, Tq, Tk)
+            rate = rate + kappa * k["g"]
+        return rate * dist
 
 
 class GrapeAP(Additive):
@@ -632,8 +660,10 @@ class CausalSelfAttention(nn.Module):
         bias b(i, j) = additive.bias(...) is built for this call only:
             "chunked" (default): blocks of attn_chunk_size queries, each with its (B|1, H, chunk, keys so far) bias,
                 recomputed in the backward (chunked_attention.py): nothing T x T exists, forward or backward;
-            "dense": the whole (B|1, H, Tq, Tk) bias at once (the reference the chunked path is tested against).
-        Either way the fp32 bias reaches SDPA in q's dtype (bf16 under autocast, like the reference code)."""
+            "dense": the whole (B|1, H, Tq, Tk) bias at once (the reference the chunked path is tested against);
+            "flex": a PairwiseAdditive's pair() as a compiled FlexAttention score_mod, on CUDA for full sequences
+                (Tq = Tk); otherwise the chunked path (torch 2.13 has no FlexAttention backward on CPU).
+        The fp32 bias reaches SDPA in q's dtype (bf16 under autocast, like the reference code)."""
         Tq, Tk = q.size(2), k.size(2)
         if self.additive is None:
             if Tq == Tk:
@@ -642,7 +672,9 @@ class CausalSelfAttention(nn.Module):
                 return F.scaled_dot_product_attention(q, k, v)
             k_pos = torch.arange(Tk, device=q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=~causal_mask(q_pos, k_pos))
-        if self.attn_impl == "chunked":
+        if self.attn_impl == "flex" and isinstance(self.additive, PairwiseAdditive) and Tq == Tk and q.is_cuda:
+            return flex_pairwise_attention(q, k, v, q_feats, k_feats, self.additive.pair)
+        if self.attn_impl in ("chunked", "flex"):
             params = [p for p in self.additive.parameters() if p.requires_grad]
             return chunked_bias_attention(q, k, v, q_feats, k_feats, self.additive.bias, params, self.attn_chunk_size)
         k_pos = torch.arange(Tk, device=q.device)

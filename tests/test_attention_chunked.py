@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from chunked_attention import chunked_bias_attention, flex_pairwise_attention
 from model import ADDITIVE_PES, GPT
 from test_model import tiny_config, tiny_model
 
@@ -134,6 +135,36 @@ def test_cached_decoding_with_small_blocks(pe):
                   model(idx[:, 11:20], cache=cache, all_logits=True)[0]]
         pieces += [model(idx[:, t:t + 1], cache=cache, all_logits=True)[0] for t in range(20, 30)]
     assert (torch.cat(pieces, 1) - full).abs().max().item() <= ATOL
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("pe", ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk"])
+def test_flex_score_mod_forward_equals_chunked(pe):
+    """The FlexAttention path's score_mod (the PE's pair()) gives the chunked path's output. CPU, no gradients,
+    uncompiled FlexAttention (the model uses the compiled form on CUDA only); 150 queries: not a multiple of
+    FlexAttention's 128 block, nor of the chunk."""
+    model = tiny_model(pe, kv_shift=True)
+    attn = model.transformer.h[1].attn
+    x = torch.randn(2, 150, attn.c_q.in_features)
+    with torch.no_grad():
+        q, k, v, (qf, kf) = attn.qkv(x, torch.arange(150))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        chunked = chunked_bias_attention(q, k, v, qf, kf, attn.additive.bias, chunk=32)
+        flex = flex_pairwise_attention(q, k, v, qf, kf, attn.additive.pair, compiled=False)
+    assert chunked.abs().max() > 0.1
+    assert (flex - chunked).abs().max().item() <= ATOL
+
+
+def test_flex_falls_back_to_chunked_on_cpu():
+    """attn_impl="flex" trains on CPU through the chunked path (FlexAttention has no CPU backward in torch 2.13)."""
+    model = tiny_model("grape_a_qk").train()
+    idx = torch.randint(0, 97, (2, 40))
+    losses = []
+    for impl in ("chunked", "flex"):
+        set_impl(model, impl)
+        losses.append(model(idx, targets=idx)[1])
+    losses[1].backward()
+    assert torch.equal(losses[0], losses[1])
 
 
 def test_default_is_chunked():
