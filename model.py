@@ -517,6 +517,30 @@ class GrapeA(PairwiseAdditive):
         return rate * dist
 
 
+class _ReversedPathSum(torch.autograd.Function):
+    """GRAPE-AP's path sum over edge scores e laid out with the keys in reverse order (see GrapeAP.bias):
+        b = s * flip(cumsum(psi)),  psi = logsigmoid(e) with psi = 0 where `hidden` (the first hidden.size(-1)
+        columns of each row; True = key after the query), all along the last axis.
+    flip(cumsum(.)) is its own transpose, so the backward is the same scan:
+        de = logsigmoid'(e) * hide(flip(cumsum(s * db))).
+    Written out because autograd would run the scan's transpose as flip, reverse-cumsum (flip, cumsum, flip) and
+    copy the gradient once more for the masked slice: three extra passes over a (B, H, Tq, Tk) tensor."""
+
+    @staticmethod
+    def forward(ctx, e, hidden, slopes):
+        psi, buffer = torch.ops.aten.log_sigmoid_forward(e)
+        psi[..., :hidden.size(-1)].masked_fill_(hidden, 0.0)
+        ctx.save_for_backward(e, buffer, hidden, slopes)
+        return psi.cumsum_(-1).flip(-1).mul_(slopes)
+
+    @staticmethod
+    def backward(ctx, d_b):
+        e, buffer, hidden, slopes = ctx.saved_tensors
+        d_psi = (d_b * slopes).cumsum_(-1).flip(-1)
+        d_psi[..., :hidden.size(-1)].masked_fill_(hidden, 0.0)
+        return torch.ops.aten.log_sigmoid_backward(d_psi, e, buffer), None, None
+
+
 class GrapeAP(Additive):
     """Path-integral additive GRAPE (paper §5; reference llama-mha-grape-ap-v1):
         e_h(t, l)   = <p_{t,h}, R_l p^_{l,h}> / d_p             (query probe p_t, normalised rotated key probe)
@@ -566,10 +590,9 @@ class GrapeAP(Additive):
         p_key = k_feats["p"]
         p_key = torch.cat((torch.zeros_like(p_key[:, :, :1]), p_key[:, :, 1:].flip(2)), dim=2)
         l_pos = k_pos[-1] + 1 - torch.arange(Tq, device=k_pos.device)  # the first Tq columns' key positions
-        e = (q_feats["p"] / self.p_dim) @ p_key.transpose(-1, -2)  # (B, H, Tq, Tk), keys reversed
-        log_sig = F.logsigmoid(e)
-        log_sig[..., :Tq].masked_fill_(causal_mask(q_pos, l_pos), 0.0)
-        return log_sig.cumsum(-1).flip(-1).mul_(self.slopes[:, None, None])
+        with torch.autocast(p_key.device.type, enabled=False):  # fp32 scores: the scan must not run in bf16
+            e = (q_feats["p"] / self.p_dim) @ p_key.transpose(-1, -2)  # (B, H, Tq, Tk), keys reversed
+        return _ReversedPathSum.apply(e, causal_mask(q_pos, l_pos), self.slopes[:, None, None].to(e.dtype))
 
 
 def build_pe(cfg):

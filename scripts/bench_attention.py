@@ -165,13 +165,13 @@ def run_worker(kind, spec, threads):
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], capture_output=True,
+    # stderr passes through (the workers' progress lines); stdout carries the result
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], stdout=subprocess.PIPE,
                           text=True, env=env, cwd=ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return dict(error=f"exit {proc.returncode}: {tail[0][:200]}")
+    return dict(error=f"worker exited with status {proc.returncode} (out of memory?)")
 
 
 # ---------------------------------------------------------------------------------------------------------- tables

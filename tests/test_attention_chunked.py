@@ -89,18 +89,34 @@ def test_layer_chunk_sizes(pe, chunk):
 
 @pytest.mark.parametrize("pe", ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap",
                                 "grape_m+grape_ap"])
-def test_layer_chunked_equals_dense_under_bf16_autocast(pe):
-    """CPU bf16 autocast: both paths round the same fp32 bias to bf16; they differ only by bf16 rounding elsewhere."""
+def test_layer_chunked_under_bf16_autocast_is_as_close_to_fp32_as_dense(pe):
+    """CPU bf16 autocast: both paths round the same fp32 bias to bf16 for SDPA, but the rest of their rounding
+    differs, so each is compared with the fp32 result: the chunked path must be about as close to it as the dense
+    one, on the output, the grad of x and every parameter's grad."""
     attn = tiny_model(pe, kv_shift=True, embedding_init_std=0.02).transformer.h[0].attn.train()
     x = torch.randn(2, 40, attn.c_q.in_features)
+    ref = layer_run(attn, x, "dense")
     dense = layer_run(attn, x, "dense", autocast=True)
     chunked = layer_run(attn, x, "chunked", chunk=16, autocast=True)
-    (yd, xd, gd), (yc, xc, gc) = dense, chunked
-    scale = lambda t: t.abs().max().item()
-    assert (yd - yc).abs().max().item() <= 0.02 * scale(yd)
-    assert (xd - xc).abs().max().item() <= 0.03 * scale(xd)
-    for name in gd:
-        assert (gd[name] - gc[name]).abs().max().item() <= 0.03 * scale(gd[name]) + 1e-6, name
+    flat = lambda r: {"output": r[0], "grad x": r[1], **r[2]}
+    ref, dense, chunked = flat(ref), flat(dense), flat(chunked)
+    assert (chunked["output"] - ref["output"]).abs().max() <= 0.01 * ref["output"].abs().max()
+    for name in ref:
+        scale = ref[name].abs().max().item()
+        err_dense = (dense[name] - ref[name]).abs().max().item()
+        err_chunked = (chunked[name] - ref[name]).abs().max().item()
+        assert err_chunked <= 1.5 * err_dense + 2e-3 * scale, (name, err_chunked, err_dense, scale)
+
+
+@pytest.mark.parametrize("pe", ADDITIVE_PES)
+def test_bias_is_fp32_under_autocast(pe):
+    """PE math stays in fp32 under bf16 autocast (GRAPE-AP's scan over up to T edge scores above all): only the
+    finished bias is rounded, by the attention call."""
+    attn = tiny_model(pe).transformer.h[0].attn
+    pos = torch.arange(30)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, _, (qf, kf) = attn.qkv(torch.randn(1, 30, attn.c_q.in_features), pos)
+        assert attn.additive.bias(qf, kf, pos, pos).dtype == torch.float32
 
 
 @pytest.mark.parametrize("pe", ["grape_ap", "grape_m+grape_ap", "fox", "rope+alibi"])
