@@ -38,8 +38,6 @@ Scoring, per batch of requests sorted by total length (longest first, so the fir
     memory at B x T x C instead of B x T x vocab (eval/scoring.py).
 """
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -52,7 +50,6 @@ from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
 from eval.load import autocast, load_model, parse_overrides, resolve_device
 from eval.scoring import final_hidden_states, head_logits
 
-log = logging.getLogger(__name__)
 EOT_TEXT = "<|endoftext|>"
 
 
@@ -71,6 +68,7 @@ class GrapeLM(TemplateLM):
     def __init__(self, checkpoint=None, model=None, device="auto", dtype="float32", batch_size=16, max_length=None,
                  prefix_eot=True, max_gen_toks=256, max_batch_size=None, overrides=None, **kwargs):
         super().__init__()
+        # max_batch_size is accepted because lm-eval's CLI passes it to every model; batches here have a fixed size.
         # Any other keyword is a GPTConfig override; parse_overrides names the valid fields if one is unknown.
         overrides = {**parse_overrides(overrides), **parse_overrides({k: v for k, v in kwargs.items()})}
         if model is None:
