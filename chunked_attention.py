@@ -24,8 +24,15 @@ block's end are never touched) plus the bias, built twice (forward and backward)
 
 Numerics: the bias is computed in fp32 by the PE and handed to SDPA in q's dtype (bf16 under autocast, as in the
 dense path and the reference code); the backward recomputes S and P in fp32 from the same rounded bias and
-accumulates dK, dV in fp32. The PE's bias is recomputed under the autocast state of the forward, so that both passes
-differentiate the same function.
+accumulates dK, dV in fp32 (on CUDA its products run as TF32 where allowed, as train.py does; bf16 q, k, v are
+exact in TF32). The PE's bias is recomputed under the autocast state of the forward, so that both passes
+differentiate the same function. Per block, a bias of the form c_i - c_j can be re-centred on the block (FoX does),
+which makes it more accurate than one T x T subtraction.
+
+Cost: the same matrix products as causal attention, plus a few elementwise passes over each block's (c, kend)
+bias and probabilities; the block size trades those passes' cache footprint against per-block overhead (128 is
+the default). Where a fused kernel can take the bias, it is faster: flex_pairwise_attention below, for the
+separable biases on CUDA.
 """
 
 import functools

@@ -195,9 +195,9 @@ def layer_table(rows, seqlens):
                 if r is None:
                     cells += ["–"] * 4
                     continue
-                t = r.get("time")
-                m = r.get("mem")
-                cells += [f"{t:.3f}" if t else r.get("error", "–")[:40], ratio(t, base and base.get("time")) if t else "–",
+                t, m = r.get("time"), r.get("mem")
+                cells += [f"{t:.3f}" if t else r.get("error", "–")[:40],
+                          ratio(t, base and base.get("time")) if t else "–",
                           f"{m:.0f}" if m is not None else r.get("mem_error", "–")[:40],
                           ratio(m, base and base.get("mem")) if m is not None else "–"]
             path = "causal SDPA" if pe in ("rope", "nope") else impl
