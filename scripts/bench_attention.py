@@ -15,9 +15,12 @@ run. Three measurements, all written to the --json file so that later changes ca
 3. --long: every additive PE trains the configs/tiny model for a few steps at T = 8192 (one process each): peak RSS,
    step time, losses.
 
-    python scripts/bench_attention.py --json results/bench_attention.json         # default grid, a few minutes
-    python scripts/bench_attention.py --full                                      # T up to 8192, more models
-    python scripts/bench_attention.py --long --json results/bench_attention_long.json
+    python scripts/bench_attention.py --json /tmp/bench.json        # default grid: T 1024 and 4096, ~5 min
+    python scripts/bench_attention.py --full --threads 1 --json results/bench_attention.json        # ~35 min
+    python scripts/bench_attention.py --long --threads 1 --json results/bench_attention_long.json   # ~13 min
+--threads 1 gives stable ratios on a shared machine: with two OpenMP threads, each op of a many-op path (the chunked
+one) can stall for a scheduler tick while another process holds the second core. results/bench_attention.md holds
+the tables.
 """
 
 import argparse
@@ -237,18 +240,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write all results here")
     p.add_argument("--full", action="store_true",
-                   help="layer T up to 8192, dense up to 4096; tiny models also at T=2048")
+                   help="layer T 1024-8192, dense up to 4096, more tiny-model sizes, 3 rounds")
     p.add_argument("--pes", default=",".join(PES))
-    p.add_argument("--seqlens", help="layer T values (default 1024,2048,4096; --full adds 8192)")
-    p.add_argument("--dense-seqlens", help="dense-path T values (default 1024,2048; --full adds 4096)")
+    p.add_argument("--seqlens", help="layer T values (default 1024,4096; --full: 1024,2048,4096,8192)")
+    p.add_argument("--dense-seqlens", help="dense-path T values (default 1024; --full: 1024,2048,4096)")
     p.add_argument("--chunk", type=int, help="attn_chunk_size (default: GPTConfig's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--n-embd", type=int, default=1024)
     p.add_argument("--n-head", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (layer and model)")
-    p.add_argument("--models", help="shape:T,... of the model table (default tiny:256,tiny:1024,tiny_v512:1024; "
-                                    "--full adds tiny_v512:2048)")
+    p.add_argument("--rounds", type=int, help="timed interleaved rounds, layer and model (default 2; --full: 3)")
+    p.add_argument("--models", help="shape:T,... of the model table (default tiny:256,tiny_v512:1024; --full: "
+                                    "tiny:256,tiny:1024,tiny_v512:1024,tiny_v512:2048)")
     p.add_argument("--model-tokens", type=int, default=2048, help="tokens per model step (batch = this / T)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: torch's default)")
     p.add_argument("--skip-layer", action="store_true")
@@ -269,9 +272,11 @@ def main():
     chunk = args.chunk or GPTConfig.attn_chunk_size
     pes = args.pes.split(",")
     ints = lambda s: [int(v) for v in s.split(",")]
-    seqlens = ints(args.seqlens) if args.seqlens else [1024, 2048, 4096] + ([8192] if args.full else [])
-    dense_seqlens = ints(args.dense_seqlens) if args.dense_seqlens else [1024, 2048] + ([4096] if args.full else [])
-    models = args.models or "tiny:256,tiny:1024,tiny_v512:1024" + (",tiny_v512:2048" if args.full else "")
+    seqlens = ints(args.seqlens) if args.seqlens else [1024, 2048, 4096, 8192] if args.full else [1024, 4096]
+    dense_seqlens = ints(args.dense_seqlens) if args.dense_seqlens else [1024, 2048, 4096] if args.full else [1024]
+    models = args.models or ("tiny:256,tiny:1024,tiny_v512:1024,tiny_v512:2048" if args.full
+                             else "tiny:256,tiny_v512:1024")
+    args.rounds = args.rounds or (3 if args.full else 2)
     models = [(m.split(":")[0], int(m.split(":")[1])) for m in models.split(",")]
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                 python=platform.python_version(), cpus=os.cpu_count(), threads=args.threads or torch.get_num_threads(),

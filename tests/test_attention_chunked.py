@@ -22,6 +22,7 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 VARIANTS = [(pe, {}) for pe in ADDITIVE_PES] + [
     ("grape_ap", dict(grape_ap_tie="q")), ("grape_ap", dict(grape_ap_tie="k")),
     ("grape_ap", dict(grape_ap_tie="v", grape_ap_query_norm=True)), ("grape_ap", dict(grape_ap_query_norm=True)),
@@ -60,7 +61,7 @@ def assert_same(a, b, atol):
     assert ga.keys() == gb.keys()
     for name in ga:
         err = (ga[name] - gb[name]).abs().max().item()
-        assert err <= atol * max(1.0, ga[name].abs().max().item()), (name, err)
+        assert err <= atol, (name, err, ga[name].abs().max().item())  # absolute, though some grads reach ~15
 
 
 # ---------------------------------------------------------------------------------------------------------- equality
