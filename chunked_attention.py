@@ -42,12 +42,14 @@ import torch
 import torch.nn.functional as F
 
 
-def chunked_bias_attention(q, k, v, q_feats, k_feats, bias_fn, params=(), chunk=128):
-    """q (B, H, Tq, D), k and v (B, H, Tk, D); q_feats / k_feats: dicts of per-token tensors laid out (B, H, T, ...);
-    bias_fn(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq', Tk') fp32; params: the tensors bias_fn reads that need
-    gradients (a PE's parameters). Returns (B, H, Tq, D) in q's dtype."""
+def chunked_bias_attention(q, k, v, q_feats, k_feats, bias_fn, params=(), chunk=128, scale=None):
+    """q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv); q_feats / k_feats: dicts of per-token tensors laid out
+    (B, H, T, ...); bias_fn(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq', Tk') fp32; params: the tensors bias_fn
+    reads that need gradients (a PE's parameters); scale: the logit scale (default 1/sqrt(D)). Returns (B, H, Tq, Dv)
+    in q's dtype."""
     q_names, k_names = tuple(q_feats), tuple(k_feats)
-    return _ChunkedBiasAttention.apply(bias_fn, int(chunk), q_names, k_names, q, k, v,
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    return _ChunkedBiasAttention.apply(bias_fn, int(chunk), scale, q_names, k_names, q, k, v,
                                        *(q_feats[n] for n in q_names), *(k_feats[n] for n in k_names), *params)
 
 
@@ -77,7 +79,7 @@ def _block_bias(bias_fn, q_feats, k_feats, q_pos, k_pos, s, e, kend):
 class _ChunkedBiasAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, bias_fn, chunk, q_names, k_names, q, k, v, *tensors):
+    def forward(ctx, bias_fn, chunk, scale, q_names, k_names, q, k, v, *tensors):
         """tensors: the query features, the key features (in q_names / k_names order), then the parameters."""
         B, H, Tq, D = q.shape
         Tk = k.size(2)
@@ -92,8 +94,8 @@ class _ChunkedBiasAttention(torch.autograd.Function):
             mask = _block_bias(bias_fn, q_feats, k_feats, q_pos, k_pos, s, e, kend).to(q.dtype).contiguous()
             mask[..., kend - c:] += above[:c, :c]
             out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :kend], v[:, :, :kend],
-                                                            attn_mask=mask)
-        ctx.bias_fn, ctx.chunk, ctx.q_names, ctx.k_names = bias_fn, chunk, q_names, k_names
+                                                            attn_mask=mask, scale=scale)
+        ctx.bias_fn, ctx.chunk, ctx.scale, ctx.q_names, ctx.k_names = bias_fn, chunk, scale, q_names, k_names
         device_type = q.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.save_for_backward(q, k, v, out, *tensors)
@@ -106,7 +108,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         feats, params = tuple(tensors[:nq + nk]), tuple(tensors[nq + nk:])
         B, H, Tq, D = q.shape
         Tk, Dv = k.size(2), v.size(-1)
-        scale = 1.0 / math.sqrt(D)
+        scale = ctx.scale
         device_type, autocast_on, autocast_dtype = ctx.autocast
         q_pos, k_pos = _positions(Tq, Tk, q.device)
         above = _above_diagonal(min(ctx.chunk, Tq), torch.float32, q.device)
@@ -135,7 +137,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
                                    q_pos[s:e], k_pos[:kend])
             with torch.autocast(device_type, enabled=False):
                 S, P = (w[:B * H * c * kend].view(B * H, c, kend) for w in work)
-                torch.bmm(q3[:, s:e], k3[:, :kend].transpose(1, 2), out=S)  # q3 carries the 1/sqrt(D)
+                torch.bmm(q3[:, s:e], k3[:, :kend].transpose(1, 2), out=S)  # q3 carries the scale
                 S.view(B, H, c, kend).add_(bias.detach().to(q.dtype))  # the forward's (possibly rounded) bias
                 S[:, :, kend - c:] += above[:c, :c]
                 torch.softmax(S, dim=-1, out=P)
@@ -161,7 +163,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
             del bias
 
         shape4 = lambda t3, like: t3.view(B, H, t3.size(1), t3.size(2)).to(like.dtype)
-        return (None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v), *grads_in)
+        return (None, None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v), *grads_in)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -185,8 +187,9 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def flex_pairwise_attention(q, k, v, q_feats, k_feats, pair_fn, compiled=True):
-    """Causal attention with logits <q_i, k_j> / sqrt(D) + pair_fn(q_feats at i, k_feats at j, i - j, head), queries
+def flex_pairwise_attention(q, k, v, q_feats, k_feats, pair_fn, compiled=True, scale=None):
+    """Causal attention with logits <q_i, k_j> * scale (default 1/sqrt(D)) + pair_fn(q_feats at i, k_feats at j,
+    i - j, head), queries
     the last Tq of Tk positions. Features are read in fp32 (FoX's fp64 running sum included: inside the kernel
     c_i - c_j is then an fp32 difference, as in FoX's own kernel, not re-centred per block)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -201,4 +204,4 @@ def flex_pairwise_attention(q, k, v, q_feats, k_feats, pair_fn, compiled=True):
         return score + bias.to(score.dtype)
 
     attend = _compiled_flex_attention() if compiled else flex_attention
-    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_mask(Tq, Tk, str(q.device)))
+    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_mask(Tq, Tk, str(q.device)), scale=scale)

@@ -11,15 +11,20 @@ Architecture (the GRAPE reference model, arXiv 2512.07805):
     SwiGLU: c_proj(silu(c_fc1 x) * c_fc2 x) with hidden width floor(8C/3).
 
 Positional encodings. A PE plays up to two roles, each a small class below:
-    rotary    acts on q and k before their dot product:        RoPE, GrapeM, GrapeMCtx
+    rotary    acts on q and k before their dot product:        RoPE, GrapeM, GrapeMCtx, GrapeMRank2, GrapeMBasis,
+                                                               GrapeMMix, PoPE, RoPEID
     additive  adds b_h(i, j) to the logit after the 1/sqrt(D): ALiBi, FoX, GrapeA (q/k/qk), GrapeAP
 so that logit_h(i, j) = <R(i) q_i, R(j) k_j> / sqrt(D) + b_h(i, j) for j <= i (and -inf for j > i).
 `GPTConfig.pos_encoding` names one PE ("rope", "alibi", ...), "nope" for neither, or a composition
-"rotary+additive" (e.g. "grape_m+grape_ap", GRAPE paper App. E).
+"rotary+additive" (e.g. "grape_m+grape_ap", GRAPE paper App. E). Evaluation-time RoPE scalings (PI, NTK, YaRN,
+dynamic) are config fields (rope_scaling) acting on the spectrum of rope / grape_m / grape_m_basis.
 
 The interface a PE implements (so that new PEs slot in without touching the model):
     Rotary.angles(x, positions, cache) -> phi   fp32 angles broadcastable to (B, T, H, D/2); the base class
                                                 rotates each half-split pair (m, m + D/2) of q and k by -phi.
+    Rotary.forward(q, k, x, positions, cache)   overridden instead by maps that are not per-pair rotations
+                                                (rank-2 generators, learned bases, mixtures, PoPE's 2D-wide polar
+                                                form); Rotary.query_scale(positions) is a logit temperature.
     Additive.features(x, q, k, v, positions, cache) -> (q_feats, k_feats)
                                                 per-token tensors laid out (B, H, T, ...); k_feats are appended
                                                 to the KV cache, so decoding never recomputes past tokens.
@@ -57,7 +62,10 @@ import torch.nn.functional as F
 
 from chunked_attention import chunked_bias_attention, flex_pairwise_attention
 
-ROTARY_PES = ("rope", "grape_m", "grape_m_ctx")
+ROTARY_PES = ("rope", "grape_m", "grape_m_ctx", "grape_m_rank2", "grape_m_basis", "grape_m_mix", "pope", "rope_id")
+# Evaluation-time rescalings of a RoPE spectrum (PI, NTK-aware, YaRN, and their dynamic forms; see rope_scaling()).
+ROPE_SCALINGS = ("none", "pi", "ntk", "yarn", "dynamic_ntk", "dynamic_yarn")
+SCALABLE_ROTARY_PES = ("rope", "grape_m", "grape_m_basis")  # the PEs whose rotation is a spectrum over pairs
 ADDITIVE_PES = ("alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap")
 GRAPE_AP_TIES = ("none", "q", "k", "v")
 ATTN_IMPLS = ("chunked", "dense", "flex")
@@ -90,6 +98,15 @@ class GPTConfig:
     grape_ctx_per_head: bool = False  # GRAPE-M-ctx: one contextual phase per layer (False) or per head
     grape_ctx_init_omega: float = 1e-3  # phase-gate bias = softplus^-1(this)
     grape_ctx_omega_scale: float = 16.0  # omega_t = sigmoid((w.x_t + b) / scale)
+    grape_mix_rank: int = 16  # GRAPE-M-mix: r, the dimension of the subspace E the generator E L_r E^T acts in
+    # RoPE-ID (Wertheimer et al., 2026): half the channels rotate at high frequencies, the other half not at all
+    rope_id_temperature: bool = True  # scale query t's logits by (1 + 0.1 ln(max(t, L) / L))^2, L = block_size
+    # Evaluation-time RoPE scaling for rope / grape_m / grape_m_basis (no retraining): see rope_scaling()
+    rope_scaling: str = "none"  # one of ROPE_SCALINGS
+    rope_scaling_factor: float = 1.0  # s = target length / original length (static variants; dynamic_ntk's alpha)
+    rope_scaling_original_length: int = 0  # L, the length the model was trained at; 0 -> block_size
+    yarn_beta_fast: float = 32.0  # YaRN ramp: pairs turning more than beta_fast times in L keep their frequency
+    yarn_beta_slow: float = 1.0  # ... and pairs turning fewer than beta_slow times are fully interpolated
     # GRAPE-A (paper §4; reference llama-mha-grape-a-*gated)
     grape_a_omega_init: float = 1.0  # softplus(omega) at init
     grape_a_gate_init_std: float | None = None  # std of the gate directions u, v; None -> 1/sqrt(head_dim)
@@ -115,6 +132,20 @@ class GPTConfig:
         if rotary and self.head_dim % 2:
             raise ValueError(f"GPTConfig.head_dim must be even for rotary pos_encoding "
                              f"{self.pos_encoding!r}, got {self.head_dim}")
+        if rotary == "grape_m_mix" and not (0 < self.grape_mix_rank <= self.head_dim and self.grape_mix_rank % 2 == 0):
+            raise ValueError(f"GPTConfig.grape_mix_rank must be an even int in [2, head_dim={self.head_dim}], "
+                             f"got {self.grape_mix_rank}")
+        if rotary == "rope_id" and (self.head_dim % 4 or self.head_dim < 8):
+            raise ValueError(f"GPTConfig.head_dim must be a multiple of 4 and >= 8 for rope_id (a quarter of the "
+                             f"channels are rotation pairs), got {self.head_dim}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"GPTConfig.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        if self.rope_scaling != "none" and rotary not in SCALABLE_ROTARY_PES:
+            raise ValueError(f"GPTConfig.rope_scaling={self.rope_scaling!r} applies to a RoPE spectrum "
+                             f"{SCALABLE_ROTARY_PES}, not to pos_encoding {self.pos_encoding!r}")
+        if self.rope_scaling_factor < 1.0 or self.rope_scaling_original_length < 0:
+            raise ValueError(f"GPTConfig.rope_scaling_factor must be >= 1 and rope_scaling_original_length >= 0, got "
+                             f"{self.rope_scaling_factor} and {self.rope_scaling_original_length}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"GPTConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if not isinstance(self.attn_chunk_size, int) or self.attn_chunk_size <= 0:
@@ -194,6 +225,47 @@ def rope_inv_freq(dim, base, device=None, dtype=torch.float32):
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
 
 
+def rope_scaling(inv_freq, cfg, positions):
+    """Evaluation-time rescaling of a rotary spectrum (no retraining), pair by pair (m = 0 .. D/2-1 on the last
+    axis of inv_freq), for cfg.rope_scaling; returns (inv_freq', logit_scale). L = rope_scaling_original_length
+    (or block_size), s = rope_scaling_factor, d = head_dim, b = rope_base:
+        pi            theta'_m = theta_m / s                                   (Chen et al., 2023)
+        ntk           theta'_m = theta_m * s^(-2m/(d-2)), i.e. base b * s^(d/(d-2)) for RoPE   (NTK-aware)
+        yarn          theta'_m = (1 - g_m) theta_m / s + g_m theta_m, logits x (0.1 ln s + 1)^2   (Peng et al., 2024)
+                      g_m = 1 - clip((m - low) / (high - low), 0, 1), low = floor(idx(beta_fast)),
+                      high = ceil(idx(beta_slow)), idx(x) = d ln(L / (2 pi x)) / (2 ln b), clamped to [0, d-1]:
+                      the ramp of the YaRN code and of transformers (linear in the pair index), not the paper's
+                      ramp in the number of turns
+        dynamic_ntk   ntk with s = alpha l / L - (alpha - 1) for a sequence of l > L tokens (alpha = s), else none
+        dynamic_yarn  yarn with s = max(1, l / L)
+    l = the largest position + 1. For a learned spectrum (grape_m) the same per-pair factors apply, computed from the
+    base-b spectrum the model was initialised with. The logit scale multiplies the queries after QK-norm (the
+    reference normalises after rotating, which would undo YaRN's usual scaling of cos and sin). Dynamic variants
+    change with the sequence length: a full forward uses one l for every position, cached decoding the l of each
+    step (keys keep the frequencies they were rotated with, as in transformers)."""
+    kind = cfg.rope_scaling
+    if kind == "none":
+        return inv_freq, 1.0
+    L = cfg.rope_scaling_original_length or cfg.block_size
+    s, d, base = cfg.rope_scaling_factor, cfg.head_dim, cfg.rope_base
+    if kind.startswith("dynamic"):
+        length = int(positions[-1]) + 1
+        s = max(1.0, s * length / L - (s - 1.0)) if kind == "dynamic_ntk" else max(1.0, length / L)
+    if s == 1.0:
+        return inv_freq, 1.0
+    m = torch.arange(inv_freq.size(-1), device=inv_freq.device, dtype=inv_freq.dtype)
+    if kind == "pi":
+        return inv_freq / s, 1.0
+    if kind in ("ntk", "dynamic_ntk"):
+        return inv_freq * s ** (-2.0 * m / max(d - 2, 1)), 1.0
+    idx = lambda turns: d * math.log(L / (2 * math.pi * turns)) / (2 * math.log(base))
+    low = max(math.floor(idx(cfg.yarn_beta_fast)), 0)
+    high = min(math.ceil(idx(cfg.yarn_beta_slow)), d - 1)
+    high = high + 0.001 if high == low else high
+    keep = 1.0 - ((m - low) / (high - low)).clamp(0.0, 1.0)
+    return inv_freq / s * (1.0 - keep) + inv_freq * keep, (0.1 * math.log(s) + 1.0) ** 2
+
+
 def alibi_slopes(n_head):
     """ALiBi's fixed per-head slopes (Press et al., 2022). For a power of two n: 2^(-8/n), 2^(-16/n), ..., 2^-8.
     Otherwise the slopes of the closest lower power of two P, then every other slope of the 2P recipe
@@ -263,30 +335,55 @@ class ShiftLinear(nn.Module):
 
 
 class Rotary(nn.Module):
+    """A PE that acts on q and k before their dot product. Subclasses give angles phi (the base class rotates each
+    half-split pair (m, m + D/2) by -phi) or override forward (maps that are not per-pair rotations)."""
+
+    norm_first = False  # True: QK-norm precedes this PE whatever qk_norm_before_rotary says (PoPE reads magnitudes)
+
     def angles(self, x, positions, cache):
         """Rotation angles phi, broadcastable to (B, T, H, D/2), in fp32 (fp64 for an fp64 model)."""
         raise NotImplementedError
 
     def forward(self, q, k, x, positions, cache=None):
-        """q, k: (B, T, H, D); x: the attention input (B, T, C); positions: (T,) absolute positions."""
+        """q, k: (B, T, H, D); x: the attention input (B, T, C); positions: (T,) absolute positions.
+        Returns q, k (B, T, H, D') in their dtype; D' = D except for PoPE (2D)."""
         phi = self.angles(x, positions, cache)
         cos, sin = phi.cos(), phi.sin()
         return rotate_half_split(q, cos, sin), rotate_half_split(k, cos, sin)
 
+    def query_scale(self, positions):
+        """A factor on each query's logits (a float or a (T,) tensor), applied to q after QK-norm; 1.0 = none."""
+        return 1.0
 
-class RoPE(Rotary):
-    """RoPE (Su et al., 2021): phi_{t,m} = t * base^(-2m/D). No parameters; q_i.k_j depends on i - j only."""
+
+class SpectralRotary(Rotary):
+    """A rotary PE defined by a spectrum theta (one frequency per pair, shared by all heads or per head):
+    phi_{t,h,m} = t * theta_{h,m}. The evaluation-time rescalings (rope_scaling) act on this spectrum."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.head_dim, self.base = cfg.head_dim, cfg.rope_base
+        self.cfg = cfg
+
+    def frequencies(self, dtype, device):
+        """theta, shape (D/2,) or (H, D/2), before any rope_scaling."""
+        raise NotImplementedError
 
     def angles(self, x, positions, cache):
-        inv_freq = rope_inv_freq(self.head_dim, self.base, positions.device, at_least_fp32(x).dtype)
-        return (positions.to(inv_freq.dtype)[:, None] * inv_freq)[None, :, None, :]  # (1, T, 1, D/2)
+        freqs, _ = rope_scaling(self.frequencies(at_least_fp32(x).dtype, positions.device), self.cfg, positions)
+        return (positions.to(freqs.dtype)[:, None, None] * freqs)[None]  # (1, T, 1|H, D/2)
+
+    def query_scale(self, positions):
+        return rope_scaling(torch.ones(self.cfg.head_dim // 2, device=positions.device), self.cfg, positions)[1]
 
 
-class GrapeM(Rotary):
+class RoPE(SpectralRotary):
+    """RoPE (Su et al., 2021): phi_{t,m} = t * base^(-2m/D). No parameters; q_i.k_j depends on i - j only."""
+
+    def frequencies(self, dtype, device):
+        return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_base, device, dtype)
+
+
+class GrapeM(SpectralRotary):
     """Multiplicative GRAPE on the canonical coordinate planes (paper §3.1, Prop. 3.1) with a learnable spectrum:
     G(n) = exp(n sum_m theta_m L_m) rotates plane m by n * theta_m, phi_{t,h,m} = t * theta_{h,m}.
     theta = exp(lambda / S) with lambda initialised to S * log(RoPE spectrum), so at init GRAPE-M == RoPE.
@@ -296,8 +393,8 @@ class GrapeM(Rotary):
     keep_init = ("log_freq",)
 
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg, self.scale = cfg, cfg.grape_log_freq_scale
+        super().__init__(cfg)
+        self.scale = cfg.grape_log_freq_scale
         shape = (cfg.head_dim // 2,) if cfg.grape_share_across_heads else (cfg.n_head, cfg.head_dim // 2)
         log_freq = torch.empty(shape)
         if cfg.grape_learnable_freq:
@@ -311,12 +408,51 @@ class GrapeM(Rotary):
         spectrum = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_base, self.log_freq.device)
         self.log_freq.copy_((self.scale * spectrum.log()).expand_as(self.log_freq))
 
-    def frequencies(self):
+    def frequencies(self, dtype=torch.float32, device=None):
         return (at_least_fp32(self.log_freq) / self.scale).exp()
 
-    def angles(self, x, positions, cache):
-        freqs = self.frequencies()
-        return (positions.to(freqs.dtype)[:, None, None] * freqs)[None]  # (1, T, 1|H, D/2)
+
+def orthogonal_from_skew(a):
+    """B = exp(a - a^T): exactly orthogonal (det 1) for any square a, B = I at a = 0; batched over leading axes."""
+    a = at_least_fp32(a)
+    return torch.linalg.matrix_exp(a - a.transpose(-1, -2))
+
+
+class GrapeMBasis(GrapeM):
+    """Multi-subspace GRAPE-M in a learned orthogonal basis (paper Prop. 3.1, Algorithm 1): d/2 commuting rank-2
+    generators on the planes spanned by columns (m, m + D/2) of B in SO(D),
+        G(n) = B blockdiag(R(n theta_1), ..., R(n theta_{D/2})) B^T,    x -> B R(n theta) B^T x,
+    with the spectrum of GRAPE-M (learned, /16 lr-scaling) and B = exp(A - A^T) (orthogonal_from_skew) for a free
+    A (D, D) per layer (or per head when grape_share_across_heads=false), A = 0 at init, so that it starts as
+    GRAPE-M (== RoPE). G(n) is again a one-parameter subgroup: q~_i.k~_j = q_i^T G(j - i) k_j. Cost: two D x D
+    products per token and head for q and for k on top of the rotation (O(D^2); the rotation itself is O(D))."""
+
+    keep_init = ("log_freq", "basis_skew")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        heads = 1 if cfg.grape_share_across_heads else cfg.n_head
+        self.basis_skew = nn.Parameter(torch.zeros(heads, cfg.head_dim, cfg.head_dim))
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        super().reset_parameters()
+        if hasattr(self, "basis_skew"):
+            nn.init.zeros_(self.basis_skew)
+
+    def basis(self):
+        return orthogonal_from_skew(self.basis_skew)  # (1|H, D, D), columns = the basis vectors
+
+    def forward(self, q, k, x, positions, cache=None):
+        phi = self.angles(x, positions, cache)
+        cos, sin = phi.cos(), phi.sin()
+        basis = self.basis()
+
+        def conjugated(t):  # B R B^T t per head: coordinates c = B^T t, rotate, back with B
+            c = torch.einsum("bthd,hde->bthe", at_least_fp32(t), basis.expand(t.size(2), -1, -1))
+            c = rotate_half_split(c, cos, sin)
+            return torch.einsum("bthe,hde->bthd", c, basis.expand(t.size(2), -1, -1)).to(t.dtype)
+        return conjugated(q), conjugated(k)
 
 
 class GrapeMCtx(Rotary):
@@ -367,6 +503,170 @@ class GrapeMCtx(Rotary):
 
     def angles(self, x, positions, cache):
         return self.phase(x, cache)[..., None] * self.frequencies()  # (B, T, 1|H, D/2)
+
+
+def rodrigues_rotate(x, a, b, angle):
+    """exp(angle * L) x for the rank-2 generator L = a b^T - b a^T (GRAPE §2, App. I), in O(d), no matrix_exp.
+    With alpha = |a|^2, gamma = a.b and b_perp = b - (gamma / alpha) a (the part of b orthogonal to a), L equals
+    a b_perp^T - b_perp a^T exactly, so with u = a.x, w = b_perp.x, beta_perp = |b_perp|^2:
+        L x = a w - b_perp u,   L^2 x = -(beta_perp a u + alpha b_perp w) = -s^2 P_span(a,b) x,
+        s^2 = alpha beta_perp = alpha beta - gamma^2,
+        exp(nL) x = x + n S1(z) L x + n^2 S2(z) L^2 x,   z = n s,  S1(z) = sin z / z,  S2(z) = (1 - cos z) / z^2,
+    a rotation by n s in span(a, b), the identity on its complement. Working with b_perp instead of the textbook
+    L^2 x = gamma (a v + b u) - beta a u - alpha b v avoids its cancellation when a and b are nearly parallel
+    (there it loses all digits, and n^2 amplifies the loss). S1, S2 are even, so they are evaluated from z^2 (Taylor
+    series below z^2 = 1e-2, S2 as sinc(z/2)^2 / 2 above, which does not cancel): neither s -> 0 nor n -> 0
+    divides by zero, in the value or its gradient. With a = e_m, b = e_{m+d/2} this is rotate_half_split of plane m
+    by n (the reference's sign). x: (..., d); a, b: broadcastable to x; angle: broadcastable to x[..., :1]
+    (n omega per token and head). Computed in fp32 (or fp64), returned in x's dtype."""
+    x32, a, b = at_least_fp32(x), at_least_fp32(a), at_least_fp32(b)
+    alpha = (a * a).sum(-1, keepdim=True)
+    b_perp = b - (a * b).sum(-1, keepdim=True) / alpha.clamp_min(torch.finfo(alpha.dtype).tiny) * a
+    beta_perp = (b_perp * b_perp).sum(-1, keepdim=True)
+    u, w = (a * x32).sum(-1, keepdim=True), (b_perp * x32).sum(-1, keepdim=True)
+    lx = a * w - b_perp * u
+    l2x = -(beta_perp * u * a + alpha * w * b_perp)
+    angle = at_least_fp32(angle)
+    z2 = angle * angle * alpha * beta_perp
+    small = z2 < 1e-2
+    z = torch.where(small, torch.ones_like(z2), z2).sqrt()  # the large-z branch only: no sqrt'(0)
+    s1 = torch.where(small, 1 - z2 / 6 * (1 - z2 / 20 * (1 - z2 / 42)), torch.sin(z) / z)
+    half = torch.sin(z / 2) / (z / 2)
+    s2 = torch.where(small, 0.5 - z2 / 24 * (1 - z2 / 30 * (1 - z2 / 56)), 0.5 * half * half)
+    return (x32 + angle * s1 * lx + angle * angle * s2 * l2x).to(x.dtype)
+
+
+class GrapeMRank2(Rotary):
+    """GRAPE-M with one general rank-2 generator per head (paper §2): G_h(n) = exp(n omega_h L(a_h, b_h)),
+    L(a, b) = a b^T - b a^T, applied in O(D) by rodrigues_rotate. It rotates span(a_h, b_h) by n omega_h s_h
+    (s = |a||b| sin angle(a, b)) and leaves the other D - 2 directions position-free. q~_i.k~_j = q_i^T G(j - i) k_j.
+    Learned: a_h, b_h (H, D) and log omega_h (H,). Init: a_h = e_m, b_h = e_{m+D/2} with m = h mod D/2 (so s = 1 and
+    head h rotates the half-split plane m), omega_h = base^(-h/H) (log-uniform over heads)."""
+
+    keep_init = ("a", "b")
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.n_head, cfg.head_dim
+        self.a, self.b = nn.Parameter(torch.empty(H, D)), nn.Parameter(torch.empty(H, D))
+        self.log_omega = nn.Parameter(torch.empty(H))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        H, D = self.a.shape
+        plane = torch.arange(H) % (D // 2)
+        self.a.zero_()[torch.arange(H), plane] = 1.0
+        self.b.zero_()[torch.arange(H), plane + D // 2] = 1.0
+        self.log_omega.copy_(-math.log(self.cfg.rope_base) * torch.arange(H) / H)
+
+    def forward(self, q, k, x, positions, cache=None):
+        angle = positions.to(at_least_fp32(self.log_omega).dtype)[:, None, None] * self.log_omega.exp()[:, None]
+        return rodrigues_rotate(q, self.a, self.b, angle), rodrigues_rotate(k, self.a, self.b, angle)  # (T, H, 1)
+
+
+class GrapeMMix(Rotary):
+    """GRAPE-M with a compact non-commuting mixture (paper App. D): L = E L_r E^T with E (D, r) orthonormal and
+    L_r = P - P^T in so(r) a free skew matrix (any mixture of the r(r-1)/2 plane generators, commuting or not), so
+        G(n) = exp(n L) = I + E (exp(n L_r) - I) E^T,     x -> x + E (exp(n L_r) E^T x - E^T x),
+    O(r D) per token and head, plus exp(n L_r) once per position (a batched r x r matrix_exp). E holds r columns of
+    orthogonal_from_skew(A), A (D, D): the coordinates of the first r/2 half-split planes (m, m + D/2), m < r/2.
+    Init A = 0 and L_r = RoPE's generator for head dim r (pair i turns at base^(-2i/r)): RoPE on r of the D
+    channels, the other D - r position-free; with r = D exactly RoPE. r = grape_mix_rank; E and L_r per layer, or
+    per head when grape_share_across_heads=false. G is a one-parameter subgroup: q~_i.k~_j = q_i^T G(j - i) k_j."""
+
+    keep_init = ("basis_skew", "generator")
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, r, D = cfg, cfg.grape_mix_rank, cfg.head_dim
+        heads = 1 if cfg.grape_share_across_heads else cfg.n_head
+        self.basis_skew = nn.Parameter(torch.empty(heads, D, D))
+        self.generator = nn.Parameter(torch.empty(heads, r, r))
+        self.register_buffer("columns", torch.cat((torch.arange(r // 2), D // 2 + torch.arange(r // 2))),
+                             persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        r = self.generator.size(-1)
+        nn.init.zeros_(self.basis_skew)
+        self.generator.zero_()[:, torch.arange(r // 2), r // 2 + torch.arange(r // 2)] = rope_inv_freq(
+            r, self.cfg.rope_base)
+        self.columns.copy_(torch.cat((torch.arange(r // 2), self.cfg.head_dim // 2 + torch.arange(r // 2))))
+
+    def subspace(self):
+        """E (1|H, D, r) and L_r (1|H, r, r), fp32."""
+        g = at_least_fp32(self.generator)
+        return orthogonal_from_skew(self.basis_skew)[..., self.columns], g - g.transpose(-1, -2)
+
+    def forward(self, q, k, x, positions, cache=None):
+        E, L_r = self.subspace()
+        H = q.size(2)
+        E = E.expand(H, -1, -1)
+        G = torch.linalg.matrix_exp(positions.to(L_r.dtype)[:, None, None, None] * L_r).expand(-1, H, -1, -1)
+
+        def apply(t):
+            y = torch.einsum("bthd,hdr->bthr", at_least_fp32(t), E)
+            z = torch.einsum("thrs,bths->bthr", G, y) - y
+            return (at_least_fp32(t) + torch.einsum("bthr,hdr->bthd", z, E)).to(t.dtype)
+        return apply(q), apply(k)
+
+
+class PoPE(Rotary):
+    """PoPE, polar coordinate position embedding (Gopalakrishnan et al., 2025): content sets magnitudes, position
+    alone sets phases, on all D channels (no pairing):
+        mu^q_{t,c} = softplus(q_{t,c}),  mu^k_{s,c} = softplus(k_{s,c}),  theta_c = base^(-c/D), c = 0 .. D-1,
+        logit(t, s) = sum_c mu^q_{t,c} mu^k_{s,c} cos((s - t) theta_c + delta_{h,c}) / sqrt(D),
+    delta (H, D) a learned key phase offset clamped to [-2 pi, 0] every forward (init 0). Computed as a dot product
+    of 2D-wide Cartesian vectors q^ = [mu^q cos(t theta); mu^q sin(t theta)], k^ = [mu^k cos(s theta + delta);
+    mu^k sin(s theta + delta)]; the attention keeps the scale 1/sqrt(D) and the D-wide values, and the KV cache
+    holds k^ (2D per token: twice RoPE's K cache). QK-norm comes first (norm_first), then softplus."""
+
+    norm_first = True
+    keep_init = ("phase_bias",)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.phase_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.zeros_(self.phase_bias)
+
+    def forward(self, q, k, x, positions, cache=None):
+        D = self.cfg.head_dim
+        dtype = at_least_fp32(q).dtype
+        theta = 1.0 / self.cfg.rope_base ** (torch.arange(D, device=q.device, dtype=dtype) / D)
+        phi = (positions.to(dtype)[:, None] * theta)[None, :, None, :]  # (1, T, 1, D)
+        phi_k = phi + at_least_fp32(self.phase_bias).clamp(-2 * math.pi, 0.0)  # (1, T, H, D)
+
+        def polar(t, angle):
+            mu = F.softplus(at_least_fp32(t))
+            return torch.cat((mu * angle.cos(), mu * angle.sin()), dim=-1).to(t.dtype)
+        return polar(q, phi), polar(k, phi_k)
+
+
+class RoPEID(SpectralRotary):
+    """RoPE-ID, "RoPE in distribution" (Wertheimer et al., Frayed RoPE and Long Inputs, 2026): the first D/4
+    half-split pairs (channels of the 1st and 3rd quarters) rotate at frequencies log-spaced from 2 pi / 32 (a turn
+    every 32 tokens) down to 4 pi / L (two turns per training length L = block_size), so every rotated channel has
+    swept its whole circle during training; the other D/2 channels are not rotated. With rope_id_temperature the
+    logits of query t are scaled by (1 + 0.1 ln(max(t, L) / L))^2 (YaRN's temperature at the query's own length;
+    1 inside the training window). No parameters."""
+
+    def frequencies(self, dtype, device):
+        D, L = self.cfg.head_dim, self.cfg.block_size
+        fast = torch.linspace(math.log(2 * math.pi / 32), math.log(4 * math.pi / L), D // 4, dtype=torch.float64)
+        return torch.cat((fast.exp(), torch.zeros(D // 2 - D // 4, dtype=torch.float64))).to(device, dtype)
+
+    def query_scale(self, positions):
+        if not self.cfg.rope_id_temperature:
+            return 1.0
+        L = self.cfg.block_size
+        return (1.0 + 0.1 * torch.log(positions.clamp_min(L).double() / L)).pow(2)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -598,7 +898,8 @@ class GrapeAP(Additive):
 def build_pe(cfg):
     """(rotary module or None, additive module or None) for cfg.pos_encoding."""
     rotary, additive = split_pos_encoding(cfg.pos_encoding)
-    rotary_cls = {"rope": RoPE, "grape_m": GrapeM, "grape_m_ctx": GrapeMCtx}
+    rotary_cls = {"rope": RoPE, "grape_m": GrapeM, "grape_m_ctx": GrapeMCtx, "grape_m_rank2": GrapeMRank2,
+                  "grape_m_basis": GrapeMBasis, "grape_m_mix": GrapeMMix, "pope": PoPE, "rope_id": RoPEID}
     additive_fn = {"alibi": ALiBi, "fox": FoX, "grape_ap": GrapeAP, "grape_a_q": lambda c: GrapeA(c, "q"),
                    "grape_a_k": lambda c: GrapeA(c, "k"), "grape_a_qk": lambda c: GrapeA(c, "qk")}
     return (rotary_cls[rotary](cfg) if rotary else None), (additive_fn[additive](cfg) if additive else None)
@@ -639,7 +940,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         C, H, D = cfg.n_embd, cfg.n_head, cfg.head_dim
         self.n_head, self.head_dim = H, D
-        self.norm_before_rotary = cfg.qk_norm_before_rotary
+        self.scale = 1.0 / math.sqrt(D)  # the logit scale, also for PoPE's 2D-wide q and k
         self.attn_impl, self.attn_chunk_size = cfg.attn_impl, cfg.attn_chunk_size
         self.c_q = nn.Linear(C, H * D, bias=False)
         self.c_k = ShiftLinear(C, H * D, H) if cfg.kv_shift else nn.Linear(C, H * D, bias=False)
@@ -648,6 +949,7 @@ class CausalSelfAttention(nn.Module):
         self.q_rms = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_rms = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.rotary, self.additive = build_pe(cfg)
+        self.norm_before_rotary = cfg.qk_norm_before_rotary or getattr(self.rotary, "norm_first", False)
 
     def _project_kv(self, proj, x, cache, state_name):
         if not isinstance(proj, ShiftLinear):
@@ -675,6 +977,12 @@ class CausalSelfAttention(nn.Module):
                 feats = self.additive.features(x, self.q_rms(q), self.k_rms(k), v, positions, cache)
             q, k = self.rotary(q, k, x, positions, cache)
             q, k = self.q_rms(q), self.k_rms(k)
+        if self.rotary is not None:  # a temperature (YaRN, RoPE-ID) multiplies the logits: after the norm
+            scale = self.rotary.query_scale(positions)
+            if isinstance(scale, torch.Tensor):
+                q = (q * scale.to(q.device)[None, :, None, None]).to(q.dtype)
+            elif scale != 1.0:
+                q = q * scale
         return q, k, v, feats
 
     def attend(self, q, k, v, q_feats, k_feats, q_pos):
@@ -687,24 +995,25 @@ class CausalSelfAttention(nn.Module):
             "flex": a PairwiseAdditive's pair() as a compiled FlexAttention score_mod, on CUDA for full sequences
                 (Tq = Tk); otherwise the chunked path (torch 2.13 has no FlexAttention backward on CPU).
         The fp32 bias reaches SDPA in q's dtype (bf16 under autocast, like the reference code)."""
-        Tq, Tk = q.size(2), k.size(2)
+        Tq, Tk, scale = q.size(2), k.size(2), self.scale
         if self.additive is None:
             if Tq == Tk:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             if Tq == 1:
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, scale=scale)
             k_pos = torch.arange(Tk, device=q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=~causal_mask(q_pos, k_pos))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~causal_mask(q_pos, k_pos), scale=scale)
         if self.attn_impl == "flex" and isinstance(self.additive, PairwiseAdditive) and Tq == Tk and q.is_cuda:
-            return flex_pairwise_attention(q, k, v, q_feats, k_feats, self.additive.pair)
+            return flex_pairwise_attention(q, k, v, q_feats, k_feats, self.additive.pair, scale=scale)
         if self.attn_impl in ("chunked", "flex"):
             params = [p for p in self.additive.parameters() if p.requires_grad]
-            return chunked_bias_attention(q, k, v, q_feats, k_feats, self.additive.bias, params, self.attn_chunk_size)
+            return chunked_bias_attention(q, k, v, q_feats, k_feats, self.additive.bias, params, self.attn_chunk_size,
+                                          scale=scale)
         k_pos = torch.arange(Tk, device=q.device)
         bias = self.additive.bias(q_feats, k_feats, q_pos, k_pos)
         bias = bias.masked_fill(causal_mask(q_pos, k_pos), float("-inf"))
         # SDPA takes the mask in q's dtype (under autocast the reference's fp32 bias is read as bf16 too).
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
 
     def forward(self, x, positions, cache=None):
         B, T, _ = x.shape

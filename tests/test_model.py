@@ -8,7 +8,8 @@ import torch
 from model import ADDITIVE_PES, GPT, ROTARY_PES, GPTConfig, split_pos_encoding
 
 ALL_PES = ["nope", *ROTARY_PES, *ADDITIVE_PES]
-COMPOSED_PES = ["rope+alibi", "grape_m+grape_ap", "grape_m_ctx+fox", "grape_m+grape_a_qk"]
+COMPOSED_PES = ["rope+alibi", "grape_m+grape_ap", "grape_m_ctx+fox", "grape_m+grape_a_qk", "pope+grape_ap",
+                "rope_id+fox", "grape_m_mix+alibi", "grape_m_basis+grape_a_k", "grape_m_rank2+grape_ap"]
 
 
 def tiny_config(pe, kv_shift=False, **kw):

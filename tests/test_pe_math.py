@@ -29,7 +29,7 @@ def scores(attn, x, positions, cache=None):
     """The attention logits (B, H, T, T) of one layer: <q~_i, k~_j> / sqrt(D) + b(i, j), -inf above the diagonal."""
     q, k, _, (q_feats, k_feats) = attn.qkv(x, positions, cache)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
-    s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    s = q @ k.transpose(-1, -2) * attn.scale  # 1/sqrt(D), also for PoPE's 2D-wide q and k
     if attn.additive is not None:
         s = s + attn.additive.bias(q_feats, k_feats, positions, positions)
     hidden = positions[None, :] > positions[:, None]
@@ -289,7 +289,9 @@ def test_rope_equals_grape_m_at_init():
 # ---------------------------------------------------------------------------------------------------------- relative law
 
 
-@pytest.mark.parametrize("pe", ["rope", "grape_m", "alibi", "grape_a_qk", "rope+alibi", "grape_m+grape_a_k"])
+@pytest.mark.parametrize("pe", ["rope", "grape_m", "alibi", "grape_a_qk", "rope+alibi", "grape_m+grape_a_k",
+                                "grape_m_rank2", "grape_m_basis", "grape_m_mix", "pope", "pope+fox",
+                                "grape_m_basis+grape_a_qk"])
 def test_relative_law_with_unit_norm_gains(pe):
     """Shifting every position by a constant leaves the logits unchanged (QK-norm gains at 1, reference order)."""
     model = double_model(pe)
