@@ -77,11 +77,11 @@ ATTN_IMPLS = ("chunked", "dense", "flex")
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     n_layer: int = 12
     n_head: int = 6
     n_embd: int = 768
     head_dim: int = 128
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     block_size: int = 1024  # training context length; longer inputs are allowed (extrapolation studies)
     pos_encoding: str = "rope"  # one of ROTARY_PES, ADDITIVE_PES, "nope", or "rotary+additive"
     kv_shift: bool = False  # data-dependent KV-shift on c_k and c_v (FoX "Pro" ShiftLinear)
@@ -847,10 +847,11 @@ class GrapeAP(Additive):
         psi_h(t, l) = s_h * logsigmoid(e_h(t, l)) <= 0
         b_h(t, j)   = sum_{l=j+1..t} psi_h(t, l)                 (b(t, t) = 0; psi(t, t) enters every j < t)
     p = c_p(x) viewed (B, T, H, d_p) with d_p = grape_ap_p_head_dim (8), or the normed q / normed k / v when tied
-    (then d_p = head_dim). p^ = p / rms(p) (no gain, eps = fp32 machine epsilon). R_l rotates every half-split plane
-    of p^ by -l (base 1: all planes turn at 1 rad/token, key index l absolute). s_h = ALiBi slopes (fixed; the
-    paper's alpha_h). Reference form: the query probe is raw; grape_ap_query_norm=True uses the paper's eq. 5.1 with
-    both probes normalised. The bias depends on t through psi, so it is not a function of i - j; decoding caches
+    (then d_p = head_dim). p^ = p / rms(p) (no gain, eps = fp32 machine epsilon: the reference's eps=None in fp32;
+    where its rms_norm runs in bf16 under autocast, that eps is bf16's 2^-7; here the probe stays fp32). R_l rotates
+    every half-split plane of p^ by -l (base 1: all planes turn at 1 rad/token, key index l absolute). s_h = ALiBi
+    slopes (fixed; the paper's alpha_h). Reference form: the query probe is raw; grape_ap_query_norm=True uses the
+    paper's eq. 5.1 with both probes normalised. The bias depends on t through psi, so it is not a function of i - j; decoding caches
     the rotated key probes R_l p^_l and pays O(t) per step."""
 
     def __init__(self, cfg):
@@ -1124,7 +1125,7 @@ class GPT(nn.Module):
                 dict(params=[p for p in params if id(p) in no_decay], weight_decay=0.0)]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=0.0, use_cache=True, top_k=None):
         """Continue idx (B, T) by max_new_tokens tokens. temperature 0 is greedy decoding. With use_cache the prompt
         is prefilled once and each new token costs one incremental step; without, every step re-runs the full
         forward (the two give the same tokens)."""

@@ -184,6 +184,24 @@ def test_cached_decoding_equals_full_forward(pe, kv_shift):
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("pe,kw", [("grape_m_ctx", dict(grape_ctx_per_head=True)),
+                                   ("grape_m", dict(grape_share_across_heads=False)),
+                                   ("grape_m_basis", dict(grape_share_across_heads=False)),
+                                   ("grape_m_mix", dict(grape_mix_rank=6, grape_share_across_heads=False)),
+                                   ("grape_ap", dict(grape_ap_tie="q")), ("grape_ap", dict(grape_ap_tie="v")),
+                                   ("grape_ap", dict(grape_ap_query_norm=True)),
+                                   ("rope", dict(qk_norm_before_rotary=True)), ("rope_id", dict(block_size=8))])
+def test_cached_decoding_equals_full_forward_for_pe_options(pe, kw):
+    model = tiny_model(pe, kv_shift=True, **kw)
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        full, _ = model(idx, all_logits=True)
+        cache = model.new_cache()
+        pieces = [model(idx[:, :7], cache=cache, all_logits=True)[0]]
+        pieces += [model(idx[:, t:t + 1], cache=cache, all_logits=True)[0] for t in range(7, 24)]
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("pe", ["rope", "alibi", "fox", "grape_m_ctx", "grape_ap", "grape_m+grape_a_k"])
 def test_generate_with_and_without_cache(pe):
     model = tiny_model(pe, kv_shift=True)
@@ -286,6 +304,51 @@ def test_pos_encoding_names():
     for bad in ("rotary", "alibi+rope", "rope+grape_m", "rope+alibi+fox", ""):
         with pytest.raises(ValueError, match="pos_encoding"):
             GPTConfig(pos_encoding=bad)
+
+
+def test_interface_argument_order():
+    """GPTConfig(n_layer, n_head, n_embd, head_dim, vocab_size, block_size, ...) and
+    generate(idx, max_new_tokens, temperature, use_cache) work positionally, as documented."""
+    cfg = GPTConfig(2, 4, 64, 16, 97, 32, pos_encoding="alibi")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.head_dim, cfg.vocab_size, cfg.block_size) == (2, 4, 64, 16, 97, 32)
+    model = GPT(cfg).eval()
+    prompt = torch.randint(0, 97, (1, 4))
+    assert torch.equal(model.generate(prompt, 5, 0.0, False), model.generate(prompt, 5))
+
+
+def test_weight_decay_groups():
+    """The reference's AdamW groups: every RMSNorm gain (ln_1, ln_2, ln_f, q_rms, k_rms) without decay, every other
+    parameter (embedding, linears, PE parameters and gates, KV-shift) with it; each parameter exactly once."""
+    model = GPT(tiny_config("grape_a_qk", kv_shift=True))
+    decay, no_decay = model.optimizer_param_groups(0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert not decay_names & no_decay_names and decay_names | no_decay_names == set(names.values())
+    assert no_decay_names == {n for n in names.values() if n.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight",
+                                                                      "q_rms.weight", "k_rms.weight"))}
+    assert {"transformer.wte.weight", "transformer.h.0.attn.additive.omega", "transformer.h.0.attn.additive.u",
+            "transformer.h.0.attn.c_k.shift_proj.weight"} <= decay_names
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi"])
+def test_kv_shift_acts_on_raw_projections_before_rotary_and_norm(pe):
+    """Reference order (§3): k = k_rms(rotate(shift(c_k x))) for rotary PEs, k_rms(shift(c_k x)) otherwise; v is
+    shifted and neither rotated nor normalised; q is never shifted."""
+    model = tiny_model(pe, kv_shift=True)
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 9, 64)
+    pos = torch.arange(9)
+    q, k, v, _ = attn.qkv(x, pos)
+    heads = (2, 9, 4, 16)
+    k_ref, v_ref = attn.c_k(x)[0].view(heads), attn.c_v(x)[0].view(heads)
+    q_ref = attn.c_q(x).view(heads)
+    if attn.rotary is not None:
+        q_ref, k_ref = attn.rotary(q_ref, k_ref, x, pos)
+    torch.testing.assert_close(k, attn.k_rms(k_ref), rtol=0, atol=0)
+    torch.testing.assert_close(q, attn.q_rms(q_ref), rtol=0, atol=0)
+    torch.testing.assert_close(v, v_ref, rtol=0, atol=0)
 
 
 def test_config_errors_name_the_field():
