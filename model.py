@@ -83,6 +83,8 @@ class GPTConfig:
     head_dim: int = 128
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     block_size: int = 1024  # training context length; longer inputs are allowed (extrapolation studies)
+    train_length: int = 0  # the training length L that RoPE-ID and rope_scaling refer to; 0 -> block_size (eval pins
+    # it to the checkpoint's block_size, so that overriding block_size at evaluation changes no PE)
     pos_encoding: str = "rope"  # one of ROTARY_PES, ADDITIVE_PES, "nope", or "rotary+additive"
     kv_shift: bool = False  # data-dependent KV-shift on c_k and c_v (FoX "Pro" ShiftLinear)
     qk_norm: bool = True
@@ -100,11 +102,10 @@ class GPTConfig:
     grape_ctx_omega_scale: float = 16.0  # omega_t = sigmoid((w.x_t + b) / scale)
     grape_mix_rank: int = 16  # GRAPE-M-mix: r, the dimension of the subspace E the generator E L_r E^T acts in
     # RoPE-ID (Wertheimer et al., 2026): half the channels rotate at high frequencies, the other half not at all
-    rope_id_temperature: bool = True  # scale query t's logits by (1 + 0.1 ln(max(t, L) / L))^2, L = block_size
+    rope_id_temperature: bool = True  # scale query t's logits by (1 + 0.1 ln(max(t, L) / L))^2, L = train length
     # Evaluation-time RoPE scaling for rope / grape_m / grape_m_basis (no retraining): see rope_scaling()
     rope_scaling: str = "none"  # one of ROPE_SCALINGS
     rope_scaling_factor: float = 1.0  # s = target length / original length (static variants; dynamic_ntk's alpha)
-    rope_scaling_original_length: int = 0  # L, the length the model was trained at; 0 -> block_size
     yarn_beta_fast: float = 32.0  # YaRN ramp: pairs turning more than beta_fast times in L keep their frequency
     yarn_beta_slow: float = 1.0  # ... and pairs turning fewer than beta_slow times are fully interpolated
     # GRAPE-A (paper §4; reference llama-mha-grape-a-*gated)
@@ -143,9 +144,9 @@ class GPTConfig:
         if self.rope_scaling != "none" and rotary not in SCALABLE_ROTARY_PES:
             raise ValueError(f"GPTConfig.rope_scaling={self.rope_scaling!r} applies to a RoPE spectrum "
                              f"{SCALABLE_ROTARY_PES}, not to pos_encoding {self.pos_encoding!r}")
-        if self.rope_scaling_factor < 1.0 or self.rope_scaling_original_length < 0:
-            raise ValueError(f"GPTConfig.rope_scaling_factor must be >= 1 and rope_scaling_original_length >= 0, got "
-                             f"{self.rope_scaling_factor} and {self.rope_scaling_original_length}")
+        if self.rope_scaling_factor < 1.0 or self.train_length < 0:
+            raise ValueError(f"GPTConfig.rope_scaling_factor must be >= 1 and train_length >= 0, got "
+                             f"{self.rope_scaling_factor} and {self.train_length}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"GPTConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if not isinstance(self.attn_chunk_size, int) or self.attn_chunk_size <= 0:
@@ -227,7 +228,7 @@ def rope_inv_freq(dim, base, device=None, dtype=torch.float32):
 
 def rope_scaling(inv_freq, cfg, positions):
     """Evaluation-time rescaling of a rotary spectrum (no retraining), pair by pair (m = 0 .. D/2-1 on the last
-    axis of inv_freq), for cfg.rope_scaling; returns (inv_freq', logit_scale). L = rope_scaling_original_length
+    axis of inv_freq), for cfg.rope_scaling; returns (inv_freq', logit_scale). L = train_length
     (or block_size), s = rope_scaling_factor, d = head_dim, b = rope_base:
         pi            theta'_m = theta_m / s                                   (Chen et al., 2023)
         ntk           theta'_m = theta_m * s^(-2m/(d-2)), i.e. base b * s^(d/(d-2)) for RoPE   (NTK-aware)
@@ -246,7 +247,7 @@ def rope_scaling(inv_freq, cfg, positions):
     kind = cfg.rope_scaling
     if kind == "none":
         return inv_freq, 1.0
-    L = cfg.rope_scaling_original_length or cfg.block_size
+    L = cfg.train_length or cfg.block_size
     s, d, base = cfg.rope_scaling_factor, cfg.head_dim, cfg.rope_base
     if kind.startswith("dynamic"):
         length = int(positions[-1]) + 1
@@ -652,20 +653,20 @@ class PoPE(Rotary):
 class RoPEID(SpectralRotary):
     """RoPE-ID, "RoPE in distribution" (Wertheimer et al., Frayed RoPE and Long Inputs, 2026): the first D/4
     half-split pairs (channels of the 1st and 3rd quarters) rotate at frequencies log-spaced from 2 pi / 32 (a turn
-    every 32 tokens) down to 4 pi / L (two turns per training length L = block_size), so every rotated channel has
-    swept its whole circle during training; the other D/2 channels are not rotated. With rope_id_temperature the
-    logits of query t are scaled by (1 + 0.1 ln(max(t, L) / L))^2 (YaRN's temperature at the query's own length;
-    1 inside the training window). No parameters."""
+    every 32 tokens) down to 4 pi / L (two turns per training length L = train_length or block_size), so every
+    rotated channel has swept its whole circle during training; the other D/2 channels are not rotated. With
+    rope_id_temperature the logits of query t are scaled by (1 + 0.1 ln(max(t, L) / L))^2 (YaRN's temperature at
+    the query's own length; 1 inside the training window). No parameters."""
 
     def frequencies(self, dtype, device):
-        D, L = self.cfg.head_dim, self.cfg.block_size
+        D, L = self.cfg.head_dim, self.cfg.train_length or self.cfg.block_size
         fast = torch.linspace(math.log(2 * math.pi / 32), math.log(4 * math.pi / L), D // 4, dtype=torch.float64)
         return torch.cat((fast.exp(), torch.zeros(D // 2 - D // 4, dtype=torch.float64))).to(device, dtype)
 
     def query_scale(self, positions):
         if not self.cfg.rope_id_temperature:
             return 1.0
-        L = self.cfg.block_size
+        L = self.cfg.train_length or self.cfg.block_size
         return (1.0 + 0.1 * torch.log(positions.clamp_min(L).double() / L)).pow(2)
 
 

@@ -7,8 +7,9 @@ out_dir) stands for its newest complete checkpoint. Everything that can be wrong
 `CheckpointError` naming the path: no checkpoint there, a missing file, a config the current model code does not
 accept (a renamed or removed field), weights that do not fit the config.
 
-Config overrides change GPTConfig fields at load time without touching the weights, e.g. `block_size=8192` or, once
-model.py has them, inference-time RoPE scalings (`rope_scaling=yarn`). They are given as "key=value" strings and
+Config overrides change GPTConfig fields at load time without touching the weights, e.g. `block_size=8192` or the
+inference-time RoPE scalings (`rope_scaling=yarn`, `rope_scaling_factor=4`); `train_length` is pinned to the
+checkpoint's training length, so that RoPE-ID and the scalings keep referring to it. They are given as "key=value" strings and
 typed from the field's declared type; only GPTConfig fields can be overridden (training fields mean nothing here).
 """
 
@@ -113,6 +114,8 @@ def load_config(path, overrides=None):
     if "config" not in meta:
         raise CheckpointError(f"checkpoint {path}: meta.json has no 'config' entry")
     values = {**meta["config"], **parse_overrides(overrides)}
+    # the length the PEs were trained at stays the checkpoint's, whatever block_size an evaluation asks for
+    values["train_length"] = meta["config"].get("train_length") or meta["config"].get("block_size", 0)
     try:
         cfg = build_config(values, where=str(path / "meta.json")).model
     except ConfigError as e:

