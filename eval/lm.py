@@ -203,7 +203,8 @@ class GrapeLM(TemplateLM):
                 logp = F.log_softmax(logits, dim=-1)
                 target = torch.tensor(cont, device=logp.device)
                 total = logp.gather(-1, target[:, None]).sum().item()
-                answers.append((total, bool((logp.argmax(-1) == target).all())))
+                greedy = logp[:, :GPT2_N_VOCAB].argmax(-1)  # rows past 50256 pad the vocabulary, as in generation
+                answers.append((total, bool((greedy == target).all())))
         return answers
 
     @torch.no_grad()

@@ -164,13 +164,15 @@ def max_logit_difference(model, hf, n_tokens=64, seed=0):
     return (ours - theirs).abs().max().item()
 
 
-def export(checkpoint, out, dtype="float32", verify=True):
+def export(checkpoint, out, dtype="float32", verify=True, force=False):
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} exists and is not empty; choose a new directory or pass --force to overwrite")
     model, info = load_model(checkpoint, device="cpu")
     hf = to_hf(model)
     diff = max_logit_difference(model, hf) if verify else None
     if diff is not None and diff > 1e-4:
         raise ExportError(f"exported model disagrees with the checkpoint: max |logit difference| {diff:.3g} > 1e-4")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if dtype == "bfloat16":
         hf = hf.to(torch.bfloat16)
@@ -188,9 +190,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
     p.add_argument("--no-verify", action="store_true", help="skip the logit comparison after conversion")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     args = p.parse_args(argv)
     try:
-        out, arch, diff = export(args.checkpoint, args.out, args.dtype, verify=not args.no_verify)
+        out, arch, diff = export(args.checkpoint, args.out, args.dtype, verify=not args.no_verify, force=args.force)
     except (CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,6 +52,9 @@ def test_exported_model_has_our_logits(tmp_path, kw, arch):
     assert (ours - theirs).abs().max().item() < 1e-4
     info = json.loads((out / "export_info.json").read_text())
     assert info["step"] == 3 and info["architecture"] == [arch]
+    with pytest.raises(export_hf.ExportError, match="not empty"):  # an earlier export is never overwritten silently
+        export_hf.export(ckpt, out)
+    export_hf.export(ckpt, out, force=True)
 
 
 def test_rotation_sign_fix_is_needed():
