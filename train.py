@@ -9,10 +9,12 @@ Pretrain a GPT with a chosen positional encoding on llm.c-format token shards (d
 Any config key can be overridden with --key=value (config.py lists them).
 
 One optimizer step consumes global_batch_size sequences of block_size tokens, whatever the number of processes:
-each of the W processes runs A = global_batch_size / (W * micro_batch_size) micro-steps (gradient accumulation;
-gradients are synchronised on the last one only), the loss of each micro-step is divided by A, so the update is
-the gradient of the mean loss over the global batch. The data loader hands rank r the r-th slice of each global
-micro-step, so 1 process x 2 accumulation steps and 2 processes x 1 step see the same sequences.
+each of the W processes runs A micro-steps of B sequences, W * A * B = global_batch_size, B the largest divisor of
+global_batch_size / W not above micro_batch_size (gradient accumulation; gradients are synchronised on the last
+micro-step only); the loss of each micro-step is divided by A, so the update is the gradient of the mean loss over
+the global batch. The data loader hands rank r the r-th slice of each global micro-step, so every step sees the
+same sequences (1 process x 2 accumulation steps and 2 processes x 1 step alike). The gradient norm is accumulated
+in fp64, so DDP and FSDP2 clip identically.
 
 Runs are resumable and pre-emptible: out_dir holds config.json and checkpoints (checkpoint.py); starting a run whose
 out_dir has a checkpoint continues from the newest complete one (weights, optimizer, step, tokens, data-loader
@@ -42,7 +44,9 @@ from config import ConfigError, load_config
 from data.loader import TokenLoader, ValidationSet
 from model import GPT
 
-# Keys that may differ when a run is resumed (they do not change what is computed).
+# Keys that may differ when a run is resumed: they change neither the model nor the data order. (max_steps and
+# lr_decay_steps extend or shorten the schedule from the resumed step on; data_dir may move; the rest is bookkeeping
+# or hardware.)
 RESUMABLE_CHANGES = {"max_steps", "eval_interval", "log_interval", "checkpoint_interval", "keep_last", "keep_every",
                      "wandb", "wandb_project", "wandb_run_name", "device", "compile", "peak_flops", "out_dir",
                      "micro_batch_size", "fsdp", "data_dir", "lr_decay_steps", "val_tokens"}
@@ -153,6 +157,47 @@ def set_grad_sync(model, cfg, enabled):
         model.set_requires_gradient_sync(enabled)
 
 
+def micro_batch_for(cfg, world):
+    """(micro-batch, accumulation steps) with world * micro * accum = global_batch_size: the largest micro-batch
+    <= cfg.micro_batch_size that divides the per-process share, so every world size that divides the global batch
+    follows the same optimisation (480 sequences: 1, 2, 4, 8, 16, 32 (15 x 1), 48, 60, ... GPUs)."""
+    share, rem = divmod(cfg.global_batch_size, world)
+    if rem:
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {world}; "
+                          f"use a number of processes that divides it, or another global_batch_size")
+    micro = max(b for b in range(1, min(cfg.micro_batch_size, share) + 1) if share % b == 0)
+    return micro, share // micro
+
+
+def loss_multiplier(cfg, accum):
+    """What each micro-step's mean loss is multiplied by before backward. Default 1 / accum: the update is the
+    gradient of the mean loss over the global batch. reference_loop_quirks: the reference sums its micro-step
+    gradients without dividing, on 8 GPUs with micro_batch_size sequences each, i.e. its gradient is
+    global_batch_size / (8 * micro_batch_size) (3 medium, 4 large) times the mean gradient, whatever the world size
+    here."""
+    if cfg.reference_loop_quirks:
+        return cfg.global_batch_size / (8 * cfg.micro_batch_size) / accum
+    return 1.0 / accum
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm):
+    """The global L2 norm of the gradients, accumulated in fp64, and clipping to max_norm (0: no clipping). An fp32
+    sum over the millions of entries of the embedding's gradient rounds at ~1e-5 relative, and differently for DDP's
+    full gradients and FSDP's shards; through the clip coefficient and Adam's per-coordinate normalisation that
+    difference would reach the weights. In fp64 both give the same fp32 coefficient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g, 2, dtype=torch.float64) for g in grads]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # FSDP2: DTensor shards
+    total = torch.linalg.vector_norm(torch.stack(norms), 2)
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (total.item() + 1e-6))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+    return total
+
+
 def state_dicts(raw, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     return get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -198,11 +243,14 @@ def check_resume_config(saved, cfg, where):
 
 
 @torch.no_grad()
-def evaluate(model, val, cfg, d, amp):
-    """Mean token loss over the fixed validation budget, identical for any world size (sum and count all-reduced)."""
+def evaluate(model, val, cfg, d, amp, micro_batch):
+    """Mean token loss over the fixed validation budget, identical for any world size (sum and count all-reduced).
+    model: the module without its DDP wrapper (DDP's forward would broadcast buffers, a collective that ranks with
+    fewer validation batches would not join); FSDP's module is sharded and every rank runs the same number of
+    (padded) batches."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)
-    for x, y in val.batches(cfg.micro_batch_size, d.rank, d.world, d.device, pad=cfg.fsdp):
+    for x, y in val.batches(micro_batch, d.rank, d.world, d.device, pad=cfg.fsdp):
         with amp:
             logits, _ = model(x, y)
         total[0] += F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=-1,
@@ -218,13 +266,16 @@ def evaluate(model, val, cfg, d, amp):
 
 
 class Metrics:
-    """metrics.jsonl (append, rank 0) and wandb (when enabled)."""
+    """metrics.jsonl (append, rank 0) and wandb (when enabled). A run resumed at step s after a crash re-runs the
+    steps after s: their earlier records move to metrics_discarded.jsonl (appended, nothing is lost), so that
+    metrics.jsonl holds each step once, in order, as the checkpoints saw it."""
 
     def __init__(self, cfg, d, resumed_step):
         self.d, self.wandb = d, None
         self.path = Path(cfg.out_dir) / "metrics.jsonl"
         if not d.master:
             return
+        self._discard_after(resumed_step)
         self.write(dict(event="start", step=resumed_step, world_size=d.world, git=ckpt.git_revision()))
         if cfg.wandb != "disabled":
             import wandb
@@ -234,6 +285,19 @@ class Metrics:
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or Path(cfg.out_dir).name,
                                     id=run_id, resume="allow", mode=cfg.wandb, dir=cfg.out_dir,
                                     config=cfg.resolved_dict())
+
+    def _discard_after(self, step):
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(keep) == len(lines):
+            return
+        with open(self.path.with_name("metrics_discarded.jsonl"), "a") as f:
+            f.writelines(line for line in lines if json.loads(line).get("step", 0) > step)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
 
     def write(self, record):
         if not self.d.master:
@@ -286,10 +350,7 @@ def train(cfg):
 
 def _train(cfg, d):
     out_dir = Path(cfg.out_dir)
-    accum, rem = divmod(cfg.global_batch_size, d.world * cfg.micro_batch_size)
-    if rem or accum == 0:
-        raise ConfigError(f"global_batch_size={cfg.global_batch_size} must be a positive multiple of "
-                          f"world_size x micro_batch_size = {d.world} x {cfg.micro_batch_size}")
+    micro_batch, accum = micro_batch_for(cfg, d.world)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -310,7 +371,7 @@ def _train(cfg, d):
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   fused=d.device.type == "cuda" and not cfg.fsdp)
     T = cfg.model.block_size
-    loader = TokenLoader(cfg.data_dir, seq_len=T, batch_size=cfg.micro_batch_size, rank=d.rank, world_size=d.world,
+    loader = TokenLoader(cfg.data_dir, seq_len=T, batch_size=micro_batch, rank=d.rank, world_size=d.world,
                          seed=cfg.data_seed, vocab_size=cfg.model.vocab_size, document_aligned=cfg.document_aligned,
                          device=d.device)
     val = ValidationSet(cfg.data_dir, seq_len=T, num_tokens=cfg.val_tokens, vocab_size=cfg.model.vocab_size)
@@ -340,9 +401,11 @@ def _train(cfg, d):
     flops_per_token = 6 * n_params + 12 * L * H * D * T  # PaLM appendix B; tied head counted once
     tokens_per_step = cfg.global_batch_size * T
     print0(d, f"{cfg.model.pos_encoding}{' + kv_shift' if cfg.model.kv_shift else ''}: {n_params:,} parameters, "
-              f"{d.world} process(es) x {accum} micro-steps x {cfg.micro_batch_size} x {T} tokens = "
+              f"{d.world} process(es) x {accum} micro-steps x {micro_batch} x {T} tokens = "
               f"{tokens_per_step:,} tokens/step, {n_steps} steps, device {d.device}")
 
+    loss_scale = loss_multiplier(cfg, accum)
+    eval_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     model.train()
     t_log, steps_since_log, t_start, start_step = time.time(), 0, time.time(), step
     last_val = None
@@ -357,10 +420,8 @@ def _train(cfg, d):
             with amp:
                 _, loss = model(x, y)
             loss_sum += loss.detach()
-            (loss if cfg.reference_loop_quirks else loss / accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+            (loss * loss_scale).backward()
+        grad_norm = clip_grad_norm(list(raw.parameters()), cfg.grad_clip)
         # one collective per step: the mean loss, and whether any rank saw a stop signal
         flags = torch.stack([loss_sum / accum, torch.tensor(float(stop.received is not None), device=d.device)])
         d.all_reduce(flags)
@@ -392,7 +453,7 @@ def _train(cfg, d):
                                grad_norm=grad_norm.item(), tokens_per_s=tok_s, mfu=mfu, memory_mb=mem))
             t_log, steps_since_log = time.time(), 0
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
-            last_val = evaluate(model, val, cfg, d, amp)
+            last_val = evaluate(eval_model, val, cfg, d, amp, micro_batch)
             print0(d, f"step {step}/{n_steps} | val loss {last_val:.4f} ({val.num_tokens:,} tokens)")
             metrics.write(dict(event="val", step=step, tokens=tokens, val_loss=last_val))
         signalled = flags[1].item() > 0
