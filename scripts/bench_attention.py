@@ -15,7 +15,7 @@ run. Three measurements, all written to the --json file so that later changes ca
 3. --long: every additive PE trains the configs/tiny model for a few steps at T = 8192 (one process each): peak RSS,
    step time, losses.
 
-    python scripts/bench_attention.py --json /tmp/bench.json        # default grid: T 1024 and 4096, ~5 min
+    python scripts/bench_attention.py --json /tmp/bench.json        # T 1k/2k/4k/8k (dense to 2k), 2 rounds, ~15 min
     python scripts/bench_attention.py --full --threads 1 --json results/bench_attention.json        # ~35 min
     python scripts/bench_attention.py --long --threads 1 --json results/bench_attention_long.json   # ~13 min
 --threads 1 gives stable ratios on a shared machine: with two OpenMP threads, each op of a many-op path (the chunked
@@ -240,10 +240,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="write all results here")
     p.add_argument("--full", action="store_true",
-                   help="layer T 1024-8192, dense up to 4096, more tiny-model sizes, 3 rounds")
+                   help="dense path up to 4096, more tiny-model sizes, 3 rounds")
     p.add_argument("--pes", default=",".join(PES))
-    p.add_argument("--seqlens", help="layer T values (default 1024,4096; --full: 1024,2048,4096,8192)")
-    p.add_argument("--dense-seqlens", help="dense-path T values (default 1024; --full: 1024,2048,4096)")
+    p.add_argument("--seqlens", help="layer T values (default 1024,2048,4096,8192)")
+    p.add_argument("--dense-seqlens", help="dense-path T values (default 1024,2048; --full: 1024,2048,4096)")
     p.add_argument("--chunk", type=int, help="attn_chunk_size (default: GPTConfig's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--n-embd", type=int, default=1024)
@@ -272,8 +272,8 @@ def main():
     chunk = args.chunk or GPTConfig.attn_chunk_size
     pes = args.pes.split(",")
     ints = lambda s: [int(v) for v in s.split(",")]
-    seqlens = ints(args.seqlens) if args.seqlens else [1024, 2048, 4096, 8192] if args.full else [1024, 4096]
-    dense_seqlens = ints(args.dense_seqlens) if args.dense_seqlens else [1024, 2048, 4096] if args.full else [1024]
+    seqlens = ints(args.seqlens) if args.seqlens else [1024, 2048, 4096, 8192]
+    dense_seqlens = ints(args.dense_seqlens) if args.dense_seqlens else [1024, 2048, 4096] if args.full else [1024, 2048]
     models = args.models or ("tiny:256,tiny:1024,tiny_v512:1024,tiny_v512:2048" if args.full
                              else "tiny:256,tiny_v512:1024")
     args.rounds = args.rounds or (3 if args.full else 2)

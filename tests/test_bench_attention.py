@@ -1,0 +1,26 @@
+"""scripts/bench_attention.py end to end at toy sizes: both tables and the JSON, every ratio against RoPE measured in
+the same run. Timings are not asserted (the machine is shared); the structure and the memory bookkeeping are."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_attention_writes_tables_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_attention.py"), "--seqlens", "64", "--dense-seqlens", "64",
+           "--skip-model", "--n-embd", "32", "--n-head", "2", "--head-dim", "16", "--rounds", "1",
+           "--pes", "rope,fox,grape_ap", "--threads", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| fox | chunked |" in done.stdout and "| grape_ap | dense |" in done.stdout
+    record = json.loads(out.read_text())
+    assert record["meta"]["threads"] == 1
+    rows = {(r["pe"], r["impl"], r["T"]): r for r in record["layer"]}
+    assert set(rows) == {("rope", "chunked", 64), ("fox", "chunked", 64), ("fox", "dense", 64),
+                         ("grape_ap", "chunked", 64), ("grape_ap", "dense", 64)}
+    for r in rows.values():
+        assert r["time"] > 0 and r["peak_rss"] >= r["rss_before"] and r["mem"] == r["peak_rss"] - r["rss_before"]
