@@ -105,17 +105,22 @@ def _unknown_key(key, where):
                        f"training keys: {', '.join(sorted(TRAIN_FIELDS))})")
 
 
+def read_toml(path, what="config file"):
+    """The parsed TOML file; a missing file or invalid TOML is a ConfigError naming the path."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def read_config_file(path, _seen=()):
     """The merged key/value dict of a TOML config and its `base` chain (later files win)."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: circular 'base' chain {[str(p) for p in _seen]}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path)
     base = raw.pop("base", None)
     merged = {}
     if base is not None:

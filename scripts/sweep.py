@@ -1,0 +1,118 @@
+"""
+Expand a sweep spec (configs/sweeps/*.toml; the format is in sweeps/spec.py) into runs and launch them.
+
+    python scripts/sweep.py SPEC --dry-run --out DIR   # one SLURM batch script per run into DIR; nothing submitted
+    python scripts/sweep.py SPEC                       # write each run's script into its directory and sbatch it
+    python scripts/sweep.py SPEC --local               # run them here one after another: train.py, then the evals
+    python scripts/sweep.py SPEC --list                # the runs and their status, nothing written
+
+Options: --only GLOB (repeatable; the runs whose name matches), --out-root DIR (instead of the spec's out_root),
+--set KEY=VALUE (repeatable; a config value for every run, replacing the spec's), --out DIR (when submitting: the
+scripts go there instead of into the run directories), --quiet (with --local: progress lines only; each run's full
+output is in RUN_DIR/local.log).
+
+Every selected run is resolved and validated before anything is written or started. A run that is done (training
+at its last step and every chained evaluation present) is skipped and its files are left untouched; an unfinished
+one resumes from its newest checkpoint; a run directory that holds a run with another config is an error. When
+submitting, runs whose script is already queued or running (squeue) are not submitted again.
+Exit status: 0; 1 if a local run failed; 2 for an error in the spec, a run directory or SLURM.
+"""
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sweeps import local, slurm, state  # noqa: E402
+from sweeps.spec import SpecError, display_path, load_spec  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python scripts/sweep.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="a sweep spec, e.g. configs/sweeps/paper_tables.toml")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="write the batch scripts into --out, do not submit")
+    mode.add_argument("--local", action="store_true", help="run the sweep on this machine")
+    mode.add_argument("--list", action="store_true", help="print the runs and their status")
+    p.add_argument("--out", default=None, help="directory for the batch scripts (required with --dry-run)")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB", help="runs whose name matches")
+    p.add_argument("--out-root", default=None, help="run directories go here instead of the spec's out_root")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config value for every run (repeatable), e.g. --set data_dir=/scratch/shards")
+    p.add_argument("--quiet", action="store_true", help="--local: progress lines only")
+    args = p.parse_args(argv)
+    if args.dry_run and not args.out:
+        p.error("--dry-run needs --out DIR (where the batch scripts are written)")
+    return args
+
+
+def print_summary(spec, statuses, scripts=None):
+    sizes = Counter(r.size for r in spec.runs)
+    print(f"{display_path(spec.path)}: {len(spec.runs)} runs ({', '.join(f'{k} {v}' for k, v in sizes.items())}"
+          f"{'' if len(spec.runs) == len(spec.all_names) else f' of {len(spec.all_names)}'}), out_root "
+          f"{spec.out_root}")
+    rows = [("run", "size", "pos_encoding", "kv_shift", "seed", "steps", "status")]
+    for run in spec.runs:
+        rows.append((run.name, run.size, run.cfg.model.pos_encoding, str(run.cfg.model.kv_shift).lower(),
+                     str(run.cfg.seed), str(run.total_steps), statuses[run.name]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    if scripts:
+        print(f"evaluations after training: {', '.join(e.name for e in spec.runs[0].evals) or 'none'}")
+
+
+def dry_run(spec, out):
+    statuses = {r.name: state.describe(r) for r in spec.runs}
+    written = [slurm.write_script(r, spec, out) for r in spec.runs if statuses[r.name] != "done"]
+    print_summary(spec, statuses, written)
+    print(f"wrote {len(written)} batch scripts to {out} (not submitted; {len(spec.runs) - len(written)} done)")
+    return 0
+
+
+def submit_all(spec, out):
+    slurm.check_available()
+    statuses = {r.name: state.describe(r) for r in spec.runs}
+    if conflicts := [f"  {n}: {s}" for n, s in statuses.items() if s.startswith("conflict")]:
+        raise SpecError("run directories that hold other runs (nothing was submitted):\n" + "\n".join(conflicts))
+    queued = slurm.queued_scripts()
+    for run in spec.runs:
+        if statuses[run.name] == "done":
+            print(f"{run.name}: skipped (done)")
+            continue
+        script = Path(out or run.out_dir) / f"{run.name}.sbatch"
+        if str(script.resolve()) in queued:
+            print(f"{run.name}: skipped (job {queued[str(script.resolve())]} is queued or running)")
+            continue
+        state.write_run_files(run, spec.path)
+        slurm.write_script(run, spec, script.parent)
+        job = slurm.submit(script)
+        with open(run.out_dir / "slurm_jobs.txt", "a") as f:
+            f.write(f"{job} {script}\n")
+        print(f"{run.name}: submitted job {job} ({statuses[run.name]}) {script}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        spec = load_spec(args.spec, out_root=args.out_root, only=args.only, settings=args.set)
+        if args.list:
+            print_summary(spec, {r.name: state.describe(r) for r in spec.runs})
+            return 0
+        if args.dry_run:
+            return dry_run(spec, Path(args.out))
+        if args.local:
+            summary = local.run_all(spec, quiet=args.quiet)
+            return 1 if summary["failed"] else 0
+        return submit_all(spec, args.out)
+    except (SpecError, slurm.SlurmError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
