@@ -205,11 +205,15 @@ def table(result):
     return "\n".join(lines)
 
 
-def unique_stem(out_dir, stem):
+def unique_stem(out_dir, stem, suffixes=(".json",)):
+    """out_dir/<stem>[_k] for the first k whose files <name><suffix> are all free; <name><suffixes[0]> is created
+    (empty) exclusively, so concurrent callers never share a name and nothing existing is overwritten."""
     for k in range(1000):
         name = stem if k == 0 else f"{stem}_{k}"
+        if any((out_dir / f"{name}{s}").exists() for s in suffixes[1:]):
+            continue
         try:
-            (out_dir / f"{name}.json").open("x").close()
+            (out_dir / f"{name}{suffixes[0]}").open("x").close()
             return out_dir / name
         except FileExistsError:
             continue

@@ -1,34 +1,38 @@
 """
-Collect finished runs into a table: python scripts/report.py RUN_DIR [RUN_DIR ...]
+Collect train.py runs into tables and plots:
 
-Reads each run's config.json and metrics.jsonl (written by train.py) and prints a markdown table with the
-positional encoding, steps, tokens, the last logged training loss and the last validation loss.
+    python scripts/report.py RUN_DIR [RUN_DIR ...] [--sweep SPEC] [--out DIR]
+
+Reads each run's config.json, metrics.jsonl and eval/ outputs (sweeps/results.py) and prints, in markdown:
+  * a table of the runs: positional encoding, steps, tokens, the last logged training loss and validation loss;
+  * the paper's table layout (sweeps/tables.py): rows = PE (+ KV-shift), one table per model shape, zero-shot
+    accuracy on ARC-E, ARC-C, HellaSwag, OBQA, PIQA, WinoGrande, SciQ and Avg. when zero-shot results exist, the
+    validation loss and the extrapolation loss at each length when present; runs that differ only in seed are one
+    row (mean ± sample std), the best of each column in bold.
+--sweep SPEC adds the runs of a sweep spec (configs/sweeps/*.toml) whose directories exist.
+--out DIR also writes the markdown as DIR/report_<UTC time>.md with the figures next to it (<stem>_loss.png:
+training and validation loss vs tokens, one line per PE; <stem>_extrapolation.png: loss vs length, when
+extrapolation results exist). As in eval/, nothing is overwritten: a name in use gets _1, _2, ... appended.
 """
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def read_run(run_dir):
-    run_dir = Path(run_dir)
-    config_file, metrics_file = run_dir / "config.json", run_dir / "metrics.jsonl"
-    for f in (config_file, metrics_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a train.py run directory: {f.name} is missing")
-    config = json.loads(config_file.read_text())
-    train, val = None, None
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") == "train":
-            train = record
-        elif record.get("event") == "val":
-            val = record
-    return dict(run=run_dir.name, pe=config["pos_encoding"] + (" + kv_shift" if config["kv_shift"] else ""),
+from eval.extrapolation import unique_stem  # noqa: E402
+from sweeps import plots, tables  # noqa: E402
+from sweeps.results import group_runs, read_run  # noqa: E402
+
+
+def run_row(result):
+    config, train, val = result.config, result.train[-1] if result.train else None, result.val
+    return dict(run=result.name, pe=config["pos_encoding"] + (" + kv_shift" if config["kv_shift"] else ""),
                 step=train["step"] if train else 0, tokens=train["tokens"] if train else 0,
                 train_loss=train["loss"] if train else float("nan"),
-                val_loss=val["val_loss"] if val else float("nan"))
+                val_loss=val[-1]["val_loss"] if val else float("nan"))
 
 
 def markdown_table(rows):
@@ -38,16 +42,52 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def sweep_run_dirs(spec_path):
+    from sweeps.spec import load_spec
+
+    spec = load_spec(spec_path)
+    return [r.out_dir for r in spec.runs if (r.out_dir / "metrics.jsonl").is_file()]
+
+
+def write_report(text, groups, out_dir):
+    """DIR/report_<time>[_k].md plus its figures, under a name no existing file has; the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffixes = (".md", "_loss.png", "_extrapolation.png")
+    stem = unique_stem(out_dir, "report_" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()), suffixes)
+    names = tables.labels(groups)
+    paths = [Path(f"{stem}.md")]
+    paths[0].write_text(text)
+    plots.loss_curves(groups, names, f"{stem}_loss.png")
+    paths.append(Path(f"{stem}_loss.png"))
+    if plots.extrapolation(groups, names, f"{stem}_extrapolation.png"):
+        paths.append(Path(f"{stem}_extrapolation.png"))
+    return paths
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories (train.py out_dir)")
+    parser.add_argument("runs", nargs="*", help="run directories (train.py out_dir)")
+    parser.add_argument("--sweep", default=None, metavar="SPEC", help="add the started runs of this sweep spec")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write the report and its figures here")
     args = parser.parse_args(argv)
+    dirs = list(args.runs)
     try:
-        rows = [read_run(r) for r in args.runs]
-    except FileNotFoundError as e:
+        if args.sweep:
+            dirs += [str(d) for d in sweep_run_dirs(args.sweep) if str(d) not in dirs]
+        if not dirs:
+            raise FileNotFoundError("no run directories given" + (f" and none of {args.sweep}'s runs has started"
+                                                                  if args.sweep else ""))
+        results = [read_run(d) for d in dirs]
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown_table(rows))
+    groups = group_runs(results)
+    text = "\n\n".join(["## Runs", markdown_table([run_row(r) for r in results]), tables.markdown(groups)])
+    print(text)
+    if args.out:
+        for path in write_report(text, groups, args.out):
+            print(f"wrote {path}")
     return 0
 
 

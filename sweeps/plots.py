@@ -1,0 +1,73 @@
+"""
+The report's figures (matplotlib, Agg), one line per group (a PE, KV-shift and shape; mean over its runs):
+
+    loss curves     left: training loss vs tokens, right: validation loss vs tokens (metrics.jsonl). A group's
+                    curve is the mean over its runs at the steps every run logged.
+    extrapolation   mean loss vs evaluation length (log scale), non-overlapping windows, error bars = sample std
+                    over the group's runs; the training length dotted.
+"""
+
+import numpy as np
+
+from sweeps.results import extrapolation_losses
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_curve(runs, events, key):
+    """(tokens, mean values) over the steps that every run logged."""
+    per_run = [{r["step"]: r for r in getattr(run, events)} for run in runs]
+    steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    tokens = [per_run[0][s]["tokens"] for s in steps]
+    return tokens, [float(np.mean([p[s][key] for p in per_run])) for s in steps]
+
+
+def loss_curves(groups, names, path):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, events, key, title in ((axes[0], "train", "loss", "training loss"),
+                                   (axes[1], "val", "val_loss", "validation loss")):
+        for g in groups:
+            tokens, values = _mean_curve(g.runs, events, key)
+            if tokens:
+                ax.plot(tokens, values, marker="o" if events == "val" else None, ms=3, lw=1.2, label=names[id(g)])
+        ax.set(xlabel="tokens", ylabel="loss (nats)", title=f"{title} (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def extrapolation(groups, names, path):
+    """The figure, or False (nothing written) when no run has extrapolation results."""
+    if not any(r.extrapolation for g in groups for r in g.runs):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for g in groups:
+        per_run = [extrapolation_losses(r.extrapolation, "nonoverlap") for r in g.runs if r.extrapolation]
+        lengths = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+        if not lengths:
+            continue
+        values = np.array([[p[L] for L in lengths] for p in per_run])
+        err = values.std(axis=0, ddof=1) if len(values) > 1 else None
+        ax.errorbar(lengths, values.mean(axis=0), yerr=err, marker="o", ms=4, capsize=3, lw=1.2, label=names[id(g)])
+    for T in sorted({g.config["block_size"] for g in groups}):
+        ax.axvline(T, color="gray", ls=":", lw=0.8)
+    ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="mean loss (nats)",
+           title="loss vs evaluation length (non-overlapping windows; dotted: training length)")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,146 @@
+"""scripts/report.py on synthetic run directories: grouping over seeds, exact mean ± std, bold best, files, no
+overwrite, and the per-run table it always printed."""
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from config import load_config
+from eval.tasks import TASKS_BY_NAME
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "winogrande", "sciq"]
+
+
+def report_main(*argv):
+    spec = importlib.util.spec_from_file_location("report_cli", REPO / "scripts" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in argv])
+
+
+def make_run(root, name, pe, seed, kv_shift=False, acc_norm=None, val_loss=5.0, extrapolation=None, steps=10):
+    """A run directory as train.py and the evaluations leave it: config.json, metrics.jsonl, eval/*.json."""
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    cfg = load_config(REPO / "configs" / "tiny" / "base.toml",
+                      [f"--pos_encoding={pe}", f"--kv_shift={kv_shift}", f"--seed={seed}", f"--data_seed={seed}",
+                       f"--out_dir={run}", f"--max_steps={steps}"]).resolved_dict()
+    (run / "config.json").write_text(json.dumps(cfg))
+    events = [dict(event="start", step=0)]
+    for step in range(1, steps + 1):
+        events.append(dict(event="train", step=step, tokens=step * 4096, loss=10.0 - step * 0.1 - seed * 0.01))
+    events.append(dict(event="val", step=steps, tokens=steps * 4096, val_loss=val_loss))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    ckpt = run / f"ckpt_{steps:07d}"
+    if acc_norm is not None:
+        tasks = {t: dict(acc=v - 1.0, acc_norm=v, split=TASKS_BY_NAME[t].split, n=100) for t, v in zip(TASKS, acc_norm)}
+        tasks["winogrande"] = dict(acc=acc_norm[5], split="validation", n=100)
+        tasks["sciq"]["split"] = "validation"  # offline SciQ: labelled "(val)"
+        (run / "eval" / f"{ckpt.name}_zero_shot_20260101-000000.json").write_text(json.dumps(dict(
+            checkpoint=str(ckpt), step=steps, pos_encoding=pe, kv_shift=kv_shift, limit=None, tasks=tasks,
+            time_utc="2026-01-01T00:00:00Z")))
+    if extrapolation is not None:
+        entry = dict(path=str(ckpt), step=steps, pos_encoding=pe, kv_shift=kv_shift, block_size=256,
+                     nonoverlap={str(L): dict(length_spec=f"{L // 256}x", loss=v) for L, v in extrapolation.items()},
+                     sliding={})
+        (run / "eval" / "extrapolation_20260101-000000.json").write_text(json.dumps(dict(
+            lengths=[f"{L // 256}x" for L in extrapolation], time_utc="2026-01-01T00:00:00Z", checkpoints=[entry])))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    scores = {  # per run: the 7 tasks' acc_norm (WinoGrande: acc)
+        ("rope", 0): [30, 20, 25, 30, 60, 50, 70], ("rope", 1): [34, 22, 25, 28, 62, 52, 74],
+        ("alibi", 0): [40, 21, 26, 29, 61, 51, 72], ("alibi", 1): [38, 23, 27, 27, 63, 49, 76],
+        ("grape_ap", 0): [35, 26, 24, 31, 59, 53, 73],
+    }
+    val = {("rope", 0): 5.0, ("rope", 1): 5.2, ("alibi", 0): 4.9, ("alibi", 1): 4.95, ("grape_ap", 0): 5.1}
+    ext = {("rope", 0): {256: 5.0, 512: 6.0}, ("rope", 1): {256: 5.2, 512: 6.4},
+           ("alibi", 0): {256: 4.9, 512: 5.0}, ("alibi", 1): {256: 5.1, 512: 5.2}, ("grape_ap", 0): {256: 5.0,
+                                                                                                      512: 5.3}}
+    dirs = [make_run(tmp_path, f"tiny_{pe}_s{seed}", pe, seed, acc_norm=scores[pe, seed], val_loss=val[pe, seed],
+                     extrapolation=ext[pe, seed]) for pe, seed in scores]
+    dirs.append(make_run(tmp_path, "tiny_rope_kvshift_s0", "rope", 0, kv_shift=True, val_loss=4.8))
+    return dirs, scores
+
+
+def table(text, title):
+    """The markdown lines of the first table under the heading that starts with `title`."""
+    lines = text[text.index(f"## {title}"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Method"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return lines[start:end]
+
+
+def row(lines, label):
+    return [c.strip() for c in next(line for line in lines if line.startswith(f"| {label} |")).split("|")[2:-1]]
+
+
+def test_groups_over_seeds_with_exact_mean_std_and_bold_best(runs, capsys):
+    dirs, scores = runs
+    assert report_main(*dirs) == 0
+    text = capsys.readouterr().out
+    zs = table(text, "Zero-shot, acc_norm")
+    assert zs[0] == ("| Method | ARC-E | ARC-C | HellaSwag | OBQA | PIQA | WinoGrande | SciQ (val) | Avg. | n |")
+    labels = [line.split("|")[1].strip() for line in zs[2:]]
+    assert labels == ["RoPE", "ALiBi", "GRAPE-AP", "RoPE (w/ KV-shift)"]  # the paper's order, KV-shift last
+    rope, alibi, ap = row(zs, "RoPE"), row(zs, "ALiBi"), row(zs, "GRAPE-AP")
+    assert rope[0] == "32.00 ± 2.83" and rope[-1] == "2"  # mean and sample std of 30, 34
+    assert alibi[0] == "**39.00 ± 1.41**"  # the best ARC-E
+    assert ap[1] == "**26.00**" and ap[-1] == "1"  # one seed: no std
+    avgs = [statistics.fmean(scores["rope", s]) for s in (0, 1)]
+    assert rope[7] == f"{statistics.fmean(avgs):.2f} ± {statistics.stdev(avgs):.2f}"
+    assert row(zs, "RoPE (w/ KV-shift)")[0] == "–"  # no zero-shot results for that run
+    acc = table(text, "Zero-shot, acc,")
+    assert row(acc, "RoPE")[0] == "31.00 ± 2.83" and row(acc, "RoPE")[5] == "51.00 ± 1.41"  # WinoGrande: acc
+    loss = table(text, "Loss: validation")
+    assert loss[0] == "| Method | val loss | 256 (1x) | 512 (2x) | n |"
+    assert row(loss, "RoPE (w/ KV-shift)")[0] == "**4.8000**"  # lowest loss is best
+    assert row(loss, "RoPE")[1:3] == [f"5.1000 ± {statistics.stdev([5.0, 5.2]):.4f}",
+                                      f"6.2000 ± {statistics.stdev([6.0, 6.4]):.4f}"]
+    assert row(loss, "ALiBi")[1:3] == [f"**5.0000 ± {statistics.stdev([4.9, 5.1]):.4f}**",
+                                       f"**5.1000 ± {statistics.stdev([5.0, 5.2]):.4f}**"]
+    assert row(loss, "GRAPE-AP")[1:3] == ["**5.0000**", "5.3000"]  # a tie: both bold
+    assert "Loss by evaluation length (sliding" not in text  # no sliding results, no table
+    # the per-run table printed before these tables is unchanged
+    assert "| run | positional encoding | steps | tokens | train loss | val loss |" in text
+    assert "| tiny_rope_s1 | rope | 10 | 40,960 | 8.9900 | 5.2000 |" in text
+
+
+def test_out_writes_markdown_and_figures_and_never_overwrites(runs, tmp_path, capsys):
+    dirs, _ = runs
+    out = tmp_path / "report"
+    assert report_main(*dirs, "--out", out) == 0
+    first = sorted(out.iterdir())
+    md = next(p for p in first if p.suffix == ".md")
+    stem = md.name[:-3]
+    assert stem.startswith("report_")
+    assert {p.name for p in first} == {f"{stem}.md", f"{stem}_loss.png", f"{stem}_extrapolation.png"}
+    for png in (p for p in first if p.suffix == ".png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert md.read_text() in capsys.readouterr().out
+    saved = {p: p.read_bytes() for p in first}
+    assert report_main(*dirs, "--out", out) == 0  # same second: a new name, not the old one
+    after = sorted(out.iterdir())
+    assert len(after) == 6 and all(p.read_bytes() == b for p, b in saved.items())
+
+
+def test_no_extrapolation_no_figure_and_resumed_metrics_keep_the_last_record(tmp_path, capsys):
+    run = make_run(tmp_path, "r", "rope", 0, val_loss=6.0)
+    with open(run / "metrics.jsonl", "a") as f:  # a resumed attempt logs step 10 again
+        f.write(json.dumps(dict(event="train", step=10, tokens=40960, loss=1.25)) + "\n")
+    assert report_main(run, "--out", tmp_path / "out") == 0
+    assert "| r | rope | 10 | 40,960 | 1.2500 | 6.0000 |" in capsys.readouterr().out
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(written) == 2 and written[0].endswith(".md") and written[1].endswith("_loss.png")
+
+
+def test_not_a_run_directory_is_an_error(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    assert report_main(tmp_path / "x") == 2
+    assert "is not a train.py run directory: config.json is missing" in capsys.readouterr().err
