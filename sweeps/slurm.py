@@ -7,9 +7,10 @@ What a script does, in order:
      --output into the run directory with --open-mode=append (a requeued job continues the same log), --requeue,
      --signal=USR1@<signal_seconds>, then the spec's extra options.
   2. cd to the repository, the spec's setup lines (modules, venv), HEAD_NODE = the first host of the allocation.
-  3. srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=<gpus> --rdzv_backend=c10d
-     --rdzv_endpoint=$HEAD_NODE:<port> --rdzv_id=$SLURM_JOB_ID train.py BASE --key=value ... --out_dir=RUN_DIR.
-     train.py resumes from the newest checkpoint in RUN_DIR, so a requeued job continues where the last one stopped.
+  3. srun --ntasks-per-node=1 --cpus-per-task=N (srun no longer inherits sbatch's) torchrun --nnodes=$SLURM_NNODES
+     --nproc_per_node=<gpus> --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:<port> --rdzv_id=$SLURM_JOB_ID
+     train.py BASE --key=value ... --out_dir=RUN_DIR: one torchrun per node, all meeting at HEAD_NODE. train.py
+     resumes from the newest checkpoint in RUN_DIR, so a requeued job continues where the last one stopped.
   4. python -m sweeps.state RUN_DIR --since JOB_START decides what happened (see state.py):
      finished -> the evaluations; stopped by SIGUSR1 -> scontrol requeue (the time limit is near; Slurm does not
      requeue jobs that reach their limit); stopped by SIGTERM -> nothing (a pre-empted job is requeued by Slurm
@@ -79,7 +80,9 @@ def render(run, spec):
     res = spec.resources
     if any(c.isspace() for c in str(run.out_dir)):
         raise SlurmError(f"{run.out_dir}: #SBATCH --output cannot hold a path with spaces; choose another out_root")
-    launcher = ['srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1',
+    # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): without it the step gets one CPU per task
+    cpus = f" --cpus-per-task={res.cpus_per_task}" if res.cpus_per_task else ""
+    launcher = [f'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1{cpus} --kill-on-bad-exit=1',
                 f'    torchrun --nnodes="$SLURM_NNODES" --nproc_per_node={res.gpus_per_node}',
                 f'    --rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:{res.rdzv_port}" --rdzv_id="$SLURM_JOB_ID"',
                 f"    --signals-to-handle={HANDLED_SIGNALS} --shutdown-timeout={res.signal_seconds}",

@@ -269,8 +269,9 @@ def _expand(raw, path):
         if unknown := [k for k in entry if k not in grid]:
             raise SpecError(f"{path} [[exclude]] {i + 1}: {unknown[0]!r} is not a grid key "
                             f"(grid keys: {', '.join(grid)})")
+    settings = {k: v for k, v in grid.items() if k not in list_axes}
     for axes in _product(list_axes):
-        if not any(_matches(axes, entry) for entry in raw.get("exclude", [])):
+        if not any(_matches({**settings, **axes}, entry) for entry in raw.get("exclude", [])):
             planned.append(("[grid]", axes, list(list_axes)))
     for i, entry in enumerate(raw.get("include", [])):
         own = {k: _as_list(v) for k, v in entry.items()}

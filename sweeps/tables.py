@@ -32,14 +32,17 @@ def _row_order(group):
     return bool(group.config.get("kv_shift")), rank, pe
 
 
-def labels(groups):
-    """{id(group): label}: the PE label, plus the keys that tell apart groups sharing it."""
+def labels(groups, with_shape=False):
+    """{id(group): label}: the PE label, plus the keys that tell apart groups of one shape (one table) sharing it;
+    with_shape (figures, where all shapes meet): the shape too when there are several."""
     out = {}
+    several = len({g.shape for g in groups}) > 1
     for g in groups:
-        same = [h for h in groups if pe_label(h.config) == pe_label(g.config)]
+        same = [h for h in groups if pe_label(h.config) == pe_label(g.config) and h.shape == g.shape]
         differing = sorted(k for k in g.config if any(h.config.get(k) != g.config[k] for h in same))
         extra = ", ".join(f"{k}={g.config[k]}" for k in differing)
-        out[id(g)] = pe_label(g.config) + (f" [{extra}]" if extra else "")
+        shape = f", {g.config['n_layer']} x {g.config['n_embd']}" if with_shape and several else ""
+        out[id(g)] = pe_label(g.config) + (f" [{extra}]" if extra else "") + shape
     return out
 
 

@@ -22,13 +22,14 @@ def report_main(*argv):
     return module.main([str(a) for a in argv])
 
 
-def make_run(root, name, pe, seed, kv_shift=False, acc_norm=None, val_loss=5.0, extrapolation=None, steps=10):
+def make_run(root, name, pe, seed, kv_shift=False, acc_norm=None, val_loss=5.0, extrapolation=None, steps=10,
+             extra=()):
     """A run directory as train.py and the evaluations leave it: config.json, metrics.jsonl, eval/*.json."""
     run = root / name
     (run / "eval").mkdir(parents=True)
     cfg = load_config(REPO / "configs" / "tiny" / "base.toml",
                       [f"--pos_encoding={pe}", f"--kv_shift={kv_shift}", f"--seed={seed}", f"--data_seed={seed}",
-                       f"--out_dir={run}", f"--max_steps={steps}"]).resolved_dict()
+                       f"--out_dir={run}", f"--max_steps={steps}", *extra]).resolved_dict()
     (run / "config.json").write_text(json.dumps(cfg))
     events = [dict(event="start", step=0)]
     for step in range(1, steps + 1):
@@ -138,6 +139,16 @@ def test_no_extrapolation_no_figure_and_resumed_metrics_keep_the_last_record(tmp
     assert "| r | rope | 10 | 40,960 | 1.2500 | 6.0000 |" in capsys.readouterr().out
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(written) == 2 and written[0].endswith(".md") and written[1].endswith("_loss.png")
+
+
+def test_each_model_shape_gets_its_own_table(tmp_path, capsys):
+    small = make_run(tmp_path, "small", "rope", 0, val_loss=6.0, extra=["--n_layer=2"])
+    large = make_run(tmp_path, "large", "rope", 0, val_loss=5.0)
+    assert report_main(small, large) == 0
+    text = capsys.readouterr().out
+    loss = text[text.index("## Loss: validation"):]
+    assert loss.count("### ") == 2 and "### 2 layers, width 128, 4 heads of 32, context 256" in loss
+    assert loss.count("| RoPE | 6.0000 | 1 |") == 1 and loss.count("| RoPE | 5.0000 | 1 |") == 1  # no bold, no suffix
 
 
 def test_not_a_run_directory_is_an_error(tmp_path, capsys):

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +71,7 @@ def test_paper_dry_run_writes_the_23_table_runs(tmp_path, capsys):
             assert line in sbatch, (path.name, line)
         assert 'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in text
         launch = re.search(r"^srun .*?&$", text, flags=re.M | re.S).group(0)
+        assert launch.startswith('srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=64 ')
         for piece in ('torchrun --nnodes="$SLURM_NNODES" --nproc_per_node=8', "--rdzv_backend=c10d",
                       '--rdzv_endpoint="$HEAD_NODE:29500"', '--rdzv_id="$SLURM_JOB_ID"', "SIGUSR1",
                       f"train.py configs/base/{size}.toml", f"--pos_encoding={pe}",
@@ -205,6 +208,78 @@ def test_submission_writes_run_files_and_never_submits_a_queued_run_twice(tmp_pa
     assert sweep_main(SWEEPS / "smoke.toml", "--out-root", root) == 0
     assert capsys.readouterr().out.count("is queued or running") == 2
     assert len(log.read_text().split()) == 2
+
+
+FAKE_TORCHRUN = """#!{python}
+# torchrun's stand-in: drops its options and runs train.py as one process. With FAKE_USR1_AT_STEP=k it sends the
+# Slurm time-limit warning (SIGUSR1) once train.py logs step k, and exits 1 afterwards as torchrun does.
+import os, signal, subprocess, sys
+args = sys.argv[1:]
+while args[0].startswith("--"):
+    args.pop(0)
+at = os.environ.get("FAKE_USR1_AT_STEP")
+proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+for line in proc.stdout:
+    print(line, end="", flush=True)
+    if at and line.startswith(f"step {{at}}/"):
+        proc.send_signal(signal.SIGUSR1)
+sys.exit(1 if at else proc.wait())
+"""
+
+
+def fake_slurm(bin_dir, log_dir):
+    """sbatch that runs the batch script at once (as job 77 on 'localhost'), srun that drops its options, torchrun
+    as above, scontrol that answers `show hostnames` and records requeues."""
+    bin_dir.mkdir()
+    scripts = {
+        "sbatch": f'#!/bin/sh\nSLURM_JOB_ID=77 SLURM_NNODES=1 SLURM_JOB_NODELIST=localhost bash "$2" '
+                  f'> {log_dir}/job.out 2>&1\necho "job exit $?" >> {log_dir}/job.out\necho 77\n',
+        "squeue": "#!/bin/sh\nexit 0\n",
+        "srun": '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n',
+        "torchrun": FAKE_TORCHRUN.format(python=sys.executable),
+        "scontrol": f'#!/bin/sh\n[ "$1" = show ] && echo localhost\n[ "$1" = requeue ] && echo "$2" >> '
+                    f'{log_dir}/requeued\nexit 0\n',
+        "python": f'#!/bin/sh\nexec {sys.executable} "$@"\n',  # the venv's interpreter
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+
+def test_batch_script_checkpoints_requeues_resumes_then_evaluates(shards, tmp_path, monkeypatch):
+    """A submitted script run by stand-ins for SLURM on this machine. Job 77 gets the time-limit warning at step 2:
+    train.py checkpoints, the script requeues the job and evaluates nothing. The requeued job resumes from that
+    checkpoint, finishes and runs the chained evaluation; one more run trains and evaluates nothing."""
+    fake_slurm(tmp_path / "bin", tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("FAKE_USR1_AT_STEP", "2")
+    root, run = tmp_path / "runs", tmp_path / "runs" / "micro_rope_s0"
+    common = [SWEEPS / "smoke.toml", "--out-root", root, "--set", f"data_dir={shards}", "--only", "micro_rope*"]
+    assert sweep_main(*common) == 0
+    out = (tmp_path / "job.out").read_text()
+    assert "stopped before the time limit; requeueing job 77" in out and "job exit 0" in out, out
+    assert (tmp_path / "requeued").read_text().split() == ["77"]
+    step, path = ckpt.list_checkpoints(run)[-1]
+    assert step < 6 and ckpt.load_meta(path)["reason"] == "signal SIGUSR1"
+    assert not (run / "eval").exists()
+
+    def requeued_job(job_id):
+        env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_NNODES="1", SLURM_JOB_NODELIST="localhost")
+        env.pop("FAKE_USR1_AT_STEP")
+        done = subprocess.run(["bash", str(run / "micro_rope_s0.sbatch")], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    out = requeued_job("77")
+    assert f"resumed from {path} at step {step}" in out and "step 6/6, last checkpoint: final" in out, out
+    assert state.eval_done(run, "extrapolation", 6, ["1x", "2x"])
+    out = requeued_job("78")
+    assert "finished (6 of 6 steps); nothing to do" in out and "extrapolation done" in out, out
+    assert len(list((run / "eval").glob("extrapolation_*.json"))) == 1
+    assert (tmp_path / "requeued").read_text().split() == ["77"]
+    assert sweep_main(*common) == 0  # done: not submitted again
+    assert len((run / "slurm_jobs.txt").read_text().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------------- running locally
