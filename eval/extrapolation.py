@@ -24,10 +24,11 @@ Two protocols per length L:
 Reported: mean loss and perplexity = exp(mean loss) over the scored tokens, and (nonoverlap) the loss per position
 and its mean over each block of block_size positions ([0, T), [T, 2T), ...).
 
-Inference-time changes to the model (a different RoPE base, or scalings such as YaRN / position interpolation once
-GPTConfig has them) are config overrides passed through to the model: --override key=value (repeatable), applied to
-every checkpoint, recorded in the output. Give a checkpoint twice with a label to compare with and without, e.g.
-`--checkpoint A A --label base,yarn` with per-checkpoint overrides `--override-for yarn:rope_scaling=yarn`.
+Inference-time changes to the model are config overrides passed through to the model: --override key=value
+(repeatable), applied to every checkpoint, recorded in the output; --override-for LABEL:key=value for one labelled
+checkpoint (give a checkpoint twice with two labels to compare). The RoPE scalings have a shortcut:
+`--rope-scaling pi,ntk,yarn [--rope-scaling-factor S]` evaluates every rope / grape_m / grape_m_basis checkpoint once
+more per scaling (labelled <label>+<kind>; S defaults to the longest length over the training length).
 
 Output (next to the first checkpoint's run directory unless --out): extrapolation_<UTC time>.json and .png (left:
 loss vs position, one line per checkpoint, at the longest length; right: loss vs evaluation length, both protocols).
@@ -100,7 +101,9 @@ def nonoverlap(model, tokens, L, batch_size, device, dtype):
 def sliding(model, tokens, L, stride, batch_size, device, dtype):
     """(sum of losses, scored tokens): windows of L at stride `stride`, each token scored once (see module doc)."""
     n = len(tokens) - 1  # targets
-    width = min(L, n)
+    if n < L:
+        raise DataError(f"{len(tokens)} tokens hold no window of {L + 1}; use more --tokens or a shorter length")
+    width = L
     starts = list(range(0, n - width + 1, stride))
     if starts[-1] + width < n:
         starts.append(n - width)  # the tail: one more window, ending at the last token
@@ -237,8 +240,36 @@ def parse_args(argv):
                    help="GPTConfig override for every checkpoint (repeatable)")
     p.add_argument("--override-for", action="append", default=[], metavar="LABEL:KEY=VALUE",
                    help="GPTConfig override for the checkpoint with this label (repeatable)")
+    p.add_argument("--rope-scaling", default="", metavar="KIND[,KIND...]",
+                   help="also evaluate every rope / grape_m / grape_m_basis checkpoint with these evaluation-time "
+                        "scalings (pi, ntk, yarn, dynamic_ntk, dynamic_yarn), labelled <label>+<kind>")
+    p.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="s for the static scalings (default: the longest length / the training length)")
     p.add_argument("--out", default=None, help="output directory (default: <first run dir>/eval)")
     return p.parse_args(argv)
+
+
+def scaled_variants(path, overrides, kinds, factor, lengths):
+    """[(label suffix, overrides)]: the checkpoint as given, then one entry per RoPE scaling kind when its PE has a
+    RoPE spectrum (the others are listed once, unscaled). factor None: the longest length over the training length."""
+    from eval.load import load_config
+    from model import ROPE_SCALINGS, SCALABLE_ROTARY_PES, split_pos_encoding
+
+    out = [("", overrides)]
+    if not kinds:
+        return out
+    for kind in kinds:
+        if kind not in ROPE_SCALINGS or kind == "none":
+            raise ValueError(f"--rope-scaling: unknown kind {kind!r}; expected some of {ROPE_SCALINGS[1:]}")
+    _, cfg, _ = load_config(path, overrides)
+    if split_pos_encoding(cfg.pos_encoding)[0] not in SCALABLE_ROTARY_PES:
+        print(f"{path}: {cfg.pos_encoding} has no RoPE spectrum; --rope-scaling does not apply", file=sys.stderr)
+        return out
+    s = factor or max(1.0, max(parse_length(x, cfg.block_size) for x in lengths) / cfg.block_size)
+    for kind in kinds:
+        extra = [f"rope_scaling={kind}", f"rope_scaling_factor={s}"]
+        out.append((f"+{kind}", overrides + extra))
+    return out
 
 
 def run(args):
@@ -262,12 +293,18 @@ def run(args):
     result = dict(data=str(Path(shard).resolve()), tokens=int(len(tokens)), lengths=lengths, modes=modes,
                   stride=args.stride, dtype=args.dtype, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   checkpoints=[])
+    kinds = [k.strip() for k in args.rope_scaling.split(",") if k.strip()]
+    jobs = []
     for path, label in zip(args.checkpoint, labels):
         overrides = args.override + per_label.get(label, [])
+        for suffix, extra in scaled_variants(path, overrides, kinds, args.rope_scaling_factor, lengths):
+            jobs.append((path, label, suffix, extra))
+    for path, label, suffix, overrides in jobs:
         print(f"{path}" + (f" [{label}]" if label else "") + (f" overrides {overrides}" if overrides else ""))
         run_ = evaluate_checkpoint(path, lengths, tokens, modes, args.stride, args.batch_size, device, args.dtype,
                                    overrides)
-        run_["label"] = label or f"{run_['pos_encoding']}{'+kv_shift' if run_['kv_shift'] else ''} @ {run_['step']}"
+        default = f"{run_['pos_encoding']}{'+kv_shift' if run_['kv_shift'] else ''} @ {run_['step']}"
+        run_["label"] = (label or default) + suffix
         result["checkpoints"].append(run_)
     out_dir = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint[0]).parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,28 @@ def test_extrapolation_cli_writes_json_and_png(setup, tmp_path, capsys):
     assert "| rope |" in capsys.readouterr().out
 
 
+def test_rope_scaling_variants_and_no_overwrite(setup, tmp_path, capsys):
+    """--rope-scaling adds one evaluation per kind for RoPE-spectrum checkpoints (ALiBi is evaluated once), with the
+    factor longest / training length; the scalings change the loss beyond the training length; a second run writes
+    new files next to the first."""
+    ckpts, data, _ = setup
+    argv = ["--checkpoint", str(ckpts[0]), str(ckpts[1]), "--lengths", "1x,4x", "--tokens", "260", "--modes",
+            "nonoverlap", "--data-dir", str(data), "--batch-size", "4", "--out", str(tmp_path), "--rope-scaling",
+            "pi,yarn"]
+    assert extrapolation.main(argv) == 0, capsys.readouterr().err
+    (first,) = tmp_path.glob("extrapolation_*.json")
+    runs = json.loads(first.read_text())["checkpoints"]
+    assert [r["label"] for r in runs] == ["rope @ 2", "rope @ 2+pi", "rope @ 2+yarn", "alibi @ 2"]
+    assert runs[2]["overrides"] == {"rope_scaling": "yarn", "rope_scaling_factor": 4.0}
+    long = [r["nonoverlap"]["128"]["loss"] for r in runs[:3]]
+    assert len(set(long)) == 3
+    assert extrapolation.main(argv[:-2] + ["--rope-scaling", "longrope"]) == 2
+    assert "unknown kind 'longrope'" in capsys.readouterr().err
+    before = first.read_bytes()
+    assert extrapolation.main(argv) == 0
+    assert len(list(tmp_path.glob("extrapolation_*.json"))) == 2 and first.read_bytes() == before
+
+
 def test_missing_data_or_checkpoint_is_a_clear_error(setup, tmp_path, capsys):
     ckpts, data, _ = setup
     assert extrapolation.main(["--checkpoint", str(ckpts[0]), "--data-dir", str(tmp_path / "none")]) == 2
@@ -106,6 +128,9 @@ def test_missing_data_or_checkpoint_is_a_clear_error(setup, tmp_path, capsys):
     assert "nockpt does not exist" in capsys.readouterr().err
     assert passkey.main(["--checkpoint", str(tmp_path / "nockpt")]) == 2
     assert "nockpt does not exist" in capsys.readouterr().err
+    assert extrapolation.main(["--checkpoint", str(ckpts[0]), "--data-dir", str(data), "--tokens", "20",
+                               "--lengths", "1x", "--modes", "sliding"]) == 2
+    assert "hold no window of 33" in capsys.readouterr().err
 
 
 def test_passkey_prompt_layout():
