@@ -46,8 +46,9 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    reference_loop_quirks: bool = False  # True reproduces the reference loop: the loss is not divided by the
-    # number of accumulation steps (so gradients and the clipped norm are summed) and max_steps + 1 updates run
+    reference_loop_quirks: bool = False  # True reproduces the reference loop: its un-divided accumulation makes the
+    # gradient global_batch_size / (8 x micro_batch_size) (3 medium, 4 large) times the mean gradient (clipping sees
+    # that norm) at any world size, the first update has lr 0, and max_steps + 1 updates run
     # ---- evaluation, logging, checkpoints
     eval_interval: int = 1000  # steps between validation runs (and at the last step); 0 = only at the end
     val_tokens: int = 10_485_760  # fixed validation budget from shard 0, identical at every evaluation
