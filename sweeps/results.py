@@ -9,7 +9,8 @@ Results of train.py runs, read from their directories (nothing is recomputed):
 
 A resumed train.py moves the records of the steps it re-runs to metrics_discarded.jsonl; should a step still appear
 twice (a directory written before train.py did that), its last record is the one kept, the attempt that went on.
-A run's zero-shot and extrapolation results are the newest outputs for its highest evaluated step.
+A run's zero-shot and extrapolation results are the newest outputs for its highest evaluated step (for
+extrapolation, the entry without evaluation-time overrides when there is one).
 
 Groups: runs that differ only in seed and data_seed, and in keys that do not change what is computed
 (train.RESUMABLE_CHANGES other than max_steps, lr_decay_steps, data_dir and val_tokens), form one group; tables
@@ -78,8 +79,9 @@ def _newest_extrapolation(run_dir):
     for rec in _records(run_dir / "eval", "extrapolation_*.json"):
         for entry in rec.get("checkpoints", []):
             if Path(entry["path"]).resolve().parent == run_dir.resolve():
-                mine.append((entry.get("step") or -1, rec.get("time_utc", ""), entry))
-    return max(mine, key=lambda t: t[:2])[2] if mine else None
+                # the model as trained before evaluation-time variants of it (--override, --rope-scaling)
+                mine.append((not entry.get("overrides"), entry.get("step") or -1, rec.get("time_utc", ""), entry))
+    return max(mine, key=lambda t: t[:3])[3] if mine else None
 
 
 def read_run(run_dir):

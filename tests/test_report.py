@@ -45,11 +45,14 @@ def make_run(root, name, pe, seed, kv_shift=False, acc_norm=None, val_loss=5.0, 
             checkpoint=str(ckpt), step=steps, pos_encoding=pe, kv_shift=kv_shift, limit=None, tasks=tasks,
             time_utc="2026-01-01T00:00:00Z")))
     if extrapolation is not None:
-        entry = dict(path=str(ckpt), step=steps, pos_encoding=pe, kv_shift=kv_shift, block_size=256,
+        entry = dict(path=str(ckpt), step=steps, pos_encoding=pe, kv_shift=kv_shift, block_size=256, overrides={},
                      nonoverlap={str(L): dict(length_spec=f"{L // 256}x", loss=v) for L, v in extrapolation.items()},
                      sliding={})
+        scaled = dict(entry, overrides={"rope_scaling": "yarn"}, nonoverlap={L: dict(v, loss=0.0) for L, v in
+                                                                            entry["nonoverlap"].items()})
         (run / "eval" / "extrapolation_20260101-000000.json").write_text(json.dumps(dict(
-            lengths=[f"{L // 256}x" for L in extrapolation], time_utc="2026-01-01T00:00:00Z", checkpoints=[entry])))
+            lengths=[f"{L // 256}x" for L in extrapolation], time_utc="2026-01-01T00:00:00Z",
+            checkpoints=[scaled, entry])))  # the scaled variant (--rope-scaling) is not the run's own result
     return run
 
 
