@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint as ckpt
-from config import ConfigError, load_config
+from config import ConfigError, TrainConfig, load_config
 from data.loader import TokenLoader, ValidationSet
 from model import GPT
 
@@ -230,10 +230,13 @@ def save(d, cfg, step, tokens, raw, optimizer, loader, reason):
 
 
 def check_resume_config(saved, cfg, where):
+    """A saved config that lacks a key (written before the key existed) had that key's default."""
     current = cfg.resolved_dict()
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    defaults = TrainConfig().resolved_dict()
+    was = lambda k: saved.get(k, defaults[k])
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and was(k) != current[k])
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        detail = ", ".join(f"{k}: {was(k)!r} -> {current[k]!r}" for k in changed)
         raise ConfigError(f"{where} holds a run with a different config ({detail}); use another out_dir or the "
                           f"same config (only {sorted(RESUMABLE_CHANGES)} may change on resume)")
 

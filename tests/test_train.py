@@ -267,6 +267,18 @@ def test_bad_configs_give_named_errors(shards, tmp_path, capsys):
         load_config(bad)
 
 
+def test_a_run_saved_before_a_config_key_existed_still_resumes():
+    """A key missing from a saved config stands for its default (runs survive the addition of a config field); a
+    real difference is still refused."""
+    cfg = load_config(REPO / "configs" / "tiny" / "rope.toml")
+    saved = cfg.resolved_dict()
+    del saved["train_length"], saved["rope_scaling"]
+    train.check_resume_config(saved, cfg, "run")
+    with pytest.raises(ConfigError, match="train_length: 0 -> 256"):
+        train.check_resume_config(saved, load_config(REPO / "configs" / "tiny" / "rope.toml", ["--train_length=256"]),
+                                  "run")
+
+
 def test_a_different_run_in_the_same_out_dir_is_refused(shards, tmp_path):
     run_in_process(shards, tmp_path / "run", "--max_steps=2")
     with pytest.raises(ConfigError, match=r"different config \(pos_encoding: 'rope' -> 'alibi'\)"):
