@@ -3,11 +3,13 @@
     python data/fineweb_edu.py --version 10B|100B|350B [--out DIR]          # HuggingFaceFW/fineweb-edu, sample-*BT
     python data/fineweb_edu.py --input FILE... --out DIR [--shard-size N]   # local parquet / jsonl(.gz) / txt(.gz)
     python data/fineweb_edu.py --sample [--out DIR]                         # the embedded sample in data/sample/
+    python data/fineweb_edu.py --sample --tokenizer bytes                   # the same as UTF-8 bytes (CPU studies)
     (also runnable as `python -m data.fineweb_edu ...`, from any working directory)
 
 Algorithm (llm.c `dev/data/fineweb.py`, the script GRAPE's `data/fineweb-edu/fineweb-edu.py` follows):
   1. Documents are read in source order (dataset order for Hugging Face; file order, then in-file order, locally).
-  2. Each document becomes [EOT=50256] + tiktoken GPT-2 encode_ordinary(text) (special-token text is not parsed).
+  2. Each document becomes [EOT=50256] + tiktoken GPT-2 encode_ordinary(text) (special-token text is not parsed);
+     with --tokenizer bytes, [256] + its UTF-8 bytes.
   3. The token stream is the concatenation of all documents; it is cut into consecutive shards of exactly
      `shard_size` tokens (default 1e8), the last one keeping its true length. A document that does not fit is split
      across the shard boundary (head ends shard k, tail starts shard k+1), exactly as in llm.c. Shard 0 is the
@@ -133,8 +135,11 @@ def _load_existing(out_dir: Path, identity: dict, prefix: str) -> dict:
 
 
 def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str = "fineweb", workers: int | None = None,
-            max_shards: int | None = None, progress: bool = True, batch_docs: int = BATCH_DOCS) -> dict:
+            max_shards: int | None = None, progress: bool = True, batch_docs: int = BATCH_DOCS,
+            tokenizer_name: str = "gpt2") -> dict:
     """Tokenize `source` (data.sources.FileSource / HFSource) into shards in `out_dir`; returns the manifest.
+
+    tokenizer_name: "gpt2" (default) or "bytes" (data/tokenizer.py); recorded in the manifest's identity.
 
     workers: tokenizer processes (None = all usable CPUs, 0 = tokenize in this process). They are spawned, and
         spawned processes re-import the calling script, so a script that calls this should not import heavy
@@ -147,7 +152,8 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(out_dir)
     try:
-        identity = {"format": FORMAT, "source": source.identity(), "tokenizer": tokenizer.tokenizer_identity(),
+        identity = {"format": FORMAT, "source": source.identity(),
+                    "tokenizer": tokenizer.tokenizer_identity(tokenizer_name),
                     "prefix": prefix, "shard_size": shard_size, "batch_docs": batch_docs}
         manifest = _load_existing(out_dir, identity, prefix)
         if manifest["complete"]:
@@ -155,7 +161,8 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
                  f"{manifest['totals']['tokens']:,} tokens)")
             return manifest
         _write_manifest(out_dir / MANIFEST, manifest)
-        return _run(source, out_dir, manifest, shard_size, prefix, workers, max_shards, progress, batch_docs)
+        return _run(source, out_dir, manifest, shard_size, prefix, workers, max_shards, progress, batch_docs,
+                    tokenizer_name)
     finally:
         lock.close()
 
@@ -164,19 +171,19 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _tokenized_batches(source, state, batch_docs, workers, stack):
+def _tokenized_batches(source, state, batch_docs, workers, stack, name):
     """Yield (start_state, tokens, doc_lengths, text_bytes) per batch, in order, with bounded work in flight."""
     batches = source.batches(state, batch_docs)
     if workers == 0:
-        tokenizer.init_worker()
+        tokenizer.init_worker(name)
         for st, texts in batches:
-            yield (st, *tokenizer.encode_batch(texts))
+            yield (st, *tokenizer.encode_batch(texts, name))
         return
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=tokenizer.init_worker)
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=tokenizer.init_worker, initargs=(name,))
     stack.callback(pool.terminate)
     pending = collections.deque()
     for st, texts in batches:
-        pending.append((st, pool.apply_async(tokenizer.encode_batch, (texts,))))
+        pending.append((st, pool.apply_async(tokenizer.encode_batch, (texts, name))))
         if len(pending) > 2 * workers + 1:  # bounded: never read far ahead of the tokenizers
             st0, res = pending.popleft()
             yield (st0, *res.get())
@@ -187,7 +194,8 @@ def _tokenized_batches(source, state, batch_docs, workers, stack):
     pool.join()
 
 
-def _run(source, out_dir, manifest, shard_size, prefix, workers, max_shards, progress, batch_docs) -> dict:
+def _run(source, out_dir, manifest, shard_size, prefix, workers, max_shards, progress, batch_docs,
+         tokenizer_name="gpt2") -> dict:
     import contextlib
 
     from tqdm import tqdm
@@ -236,7 +244,8 @@ def _run(source, out_dir, manifest, shard_size, prefix, workers, max_shards, pro
     t0, seen_bytes, seen_tokens, exhausted, resume = time.time(), 0, 0, False, None
     try:
         with contextlib.ExitStack() as stack:
-            for st, toks, lens, nbytes in _tokenized_batches(source, state, batch_docs, workers, stack):
+            for st, toks, lens, nbytes in _tokenized_batches(source, state, batch_docs, workers, stack,
+                                                             tokenizer_name):
                 resume = {"docs": stream_docs, "tokens": stream_tokens, "state": st}
                 doc_starts = stream_tokens + np.cumsum(lens) - lens  # stream positions of this batch's EOTs
                 stream_tokens += len(toks)
@@ -313,14 +322,16 @@ def _prepare_from_args(ap, args) -> int:
         files = sorted(SAMPLE_DIR.glob("*.txt.gz"))
         if not files:
             ap.error(f"no *.txt.gz in {SAMPLE_DIR}")
-        source, out, prefix = FileSource(files), REPO / "data" / "shards" / "sample", "sample"
+        name = "sample" if args.tokenizer == "gpt2" else f"sample_{args.tokenizer}"
+        source, out, prefix = FileSource(files), REPO / "data" / "shards" / name, "sample"
     else:
         if args.out is None:
             ap.error("--out is required with --input")
         source, out, prefix = FileSource(args.input, text_key=args.text_key), None, "data"
     shard_size = args.shard_size or (SAMPLE_SHARD_SIZE if args.sample else DEFAULT_SHARD_SIZE)
     prepare(source, Path(args.out) if args.out else out, shard_size=shard_size, prefix=args.prefix or prefix,
-            workers=args.workers, max_shards=args.max_shards, progress=not args.no_progress)
+            workers=args.workers, max_shards=args.max_shards, progress=not args.no_progress,
+            tokenizer_name=args.tokenizer)
     return 0
 
 
@@ -340,6 +351,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", default=None,
                     help="shard file prefix (default: fineweb with --version, sample with --sample, data otherwise)")
     ap.add_argument("--text-key", default="text", help="text column/field of parquet and jsonl inputs")
+    ap.add_argument("--tokenizer", choices=tokenizer.TOKENIZERS, default="gpt2",
+                    help="gpt2 (default) or bytes: ids 0..255 = UTF-8 bytes, EOT 256, for CPU-scale studies "
+                         "(model vocab_size 320); --sample then writes data/shards/sample_bytes")
     ap.add_argument("--revision", default=None,
                     help="Hugging Face dataset revision to use (default: main on a first run; a re-run continues with "
                          "the commit recorded in the manifest)")

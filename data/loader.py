@@ -90,10 +90,19 @@ def _move(x, y, device: torch.device):
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def _document_starts(tokens: np.ndarray, seq_len: int, chunk: int = 1 << 24) -> np.ndarray:
+def _eot_of(paths) -> int:
+    """The shards' document delimiter: the tokenizer EOT their manifest records (data/fineweb_edu.py writes it),
+    else GPT-2's (shards written by llm.c or the GRAPE scripts have no manifest)."""
+    try:
+        return int(json.loads((Path(paths[0]).parent / "manifest.json").read_text())["identity"]["tokenizer"]["eot"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return EOT
+
+
+def _document_starts(tokens: np.ndarray, seq_len: int, eot: int = EOT, chunk: int = 1 << 24) -> np.ndarray:
     """Greedy non-overlapping window starts at EOT positions (start >= previous start + T, window fits)."""
     n = tokens.size
-    eots = np.concatenate([np.flatnonzero(tokens[lo:lo + chunk] == EOT) + lo for lo in range(0, n, chunk)]
+    eots = np.concatenate([np.flatnonzero(tokens[lo:lo + chunk] == eot) + lo for lo in range(0, n, chunk)]
                           or [np.zeros(0, np.int64)])
     eots = eots[eots + seq_len + 1 <= n]
     # successor of candidate i = the first candidate at or after eots[i] + T (vectorised); the greedy choice is the
@@ -125,7 +134,8 @@ class TokenLoader:
         self._maps = [shards.open_shard(p).view(np.ndarray) for p in self.paths]
         T = self.seq_len
         if self.document_aligned:
-            self._starts = [_document_starts(m, T) for m in self._maps]
+            eot = _eot_of(self.paths)
+            self._starts = [_document_starts(m, T, eot) for m in self._maps]
             counts = np.array([s.size for s in self._starts], dtype=np.int64)
         else:
             self._starts = None
@@ -317,7 +327,7 @@ class ValidationSet:
         for k in ks:
             lo, hi = k * batch_size, min((k + 1) * batch_size, self.num_windows)
             rows = max(0, hi - lo)
-            buf = np.full((batch_size if pad else rows, T + 1), EOT, dtype=np.uint16)
+            buf = np.zeros((batch_size if pad else rows, T + 1), dtype=np.uint16)  # padding rows: token 0, ignored
             for i in range(rows):
                 buf[i] = self.tokens[(lo + i) * T:(lo + i + 1) * T + 1]
             x, y = _to_xy(buf, device)

@@ -1,4 +1,9 @@
-"""The GPT-2 BPE tokenizer (tiktoken), available offline.
+"""The tokenizers of the data pipeline: GPT-2 BPE (tiktoken, available offline; the default, the paper's) and raw
+UTF-8 bytes (for CPU-scale studies, where a 257-token vocabulary lets tiny models learn in minutes).
+
+    name    ids                       document              vocabulary (model vocab_size: pad to a multiple of 64)
+    gpt2    tiktoken GPT-2            [50256] + BPE(text)   50,257 (50304)
+    bytes   the UTF-8 bytes, 0..255   [256] + bytes(text)   257 (320)
 
 tiktoken's own `get_encoding("gpt2")` downloads vocab.bpe and encoder.json from openaipublic.blob.core.windows.net
 on first use (or reads them from $TIKTOKEN_CACHE_DIR / $TMPDIR/data-gym-cache). Compute nodes and CI machines
@@ -28,6 +33,8 @@ import numpy as np
 
 EOT = 50256          # <|endoftext|>, the document delimiter
 GPT2_N_VOCAB = 50257
+BYTES_EOT = 256      # the byte tokenizer's document delimiter (ids 0..255 are the bytes themselves)
+TOKENIZERS = ("gpt2", "bytes")
 
 # (url tiktoken downloads from, sha256 tiktoken expects) -- the same pairs as tiktoken_ext/openai_public.py.
 GPT2_FILES = {
@@ -108,8 +115,21 @@ def gpt2_encoding(source: str = "auto"):
     return enc
 
 
-def tokenizer_identity() -> dict:
+def check_name(name: str) -> str:
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; expected one of {TOKENIZERS}")
+    return name
+
+
+def eot_id(name: str = "gpt2") -> int:
+    return EOT if check_name(name) == "gpt2" else BYTES_EOT
+
+
+def tokenizer_identity(name: str = "gpt2") -> dict:
     """What the manifest records about the tokenizer; two runs with equal identities produce equal tokens."""
+    if check_name(name) == "bytes":
+        return {"name": "bytes", "n_vocab": BYTES_EOT + 1, "eot": BYTES_EOT,
+                "document_encoding": "[eot] + list(text.encode('utf-8'))"}
     return {
         "name": "gpt2",
         "library": "tiktoken",
@@ -130,13 +150,20 @@ def encode_document(enc, text: str) -> list[int]:
 _worker_enc = None
 
 
-def init_worker() -> None:
+def init_worker(name: str = "gpt2") -> None:
     global _worker_enc
-    _worker_enc = gpt2_encoding()
+    if check_name(name) == "gpt2":
+        _worker_enc = gpt2_encoding()
 
 
-def encode_batch(texts):
+def encode_batch(texts, name: str = "gpt2"):
     """Worker job: a batch of documents -> (uint16 tokens of all docs concatenated, per-doc lengths, UTF-8 bytes)."""
+    if check_name(name) == "bytes":
+        docs = [text.encode("utf-8") for text in texts]
+        lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
+        flat = np.frombuffer(b"".join(b"\x00" + d for d in docs), dtype=np.uint8).astype(np.uint16)
+        flat[np.cumsum(lengths) - lengths] = BYTES_EOT  # each document's first slot (the placeholder byte)
+        return flat, lengths, int(lengths.sum() - len(docs))
     enc = _worker_enc if _worker_enc is not None else gpt2_encoding()
     flat, lengths, nbytes = [], np.empty(len(texts), dtype=np.int64), 0
     for i, text in enumerate(texts):

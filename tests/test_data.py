@@ -216,6 +216,27 @@ def test_prepare_txt_roundtrip_headers_and_llmc_split(tmp_path):
     assert json.loads((tmp_path / "out/manifest.json").read_text()) == man
 
 
+def test_byte_tokenizer_shards_roundtrip_and_document_aligned_windows(tmp_path):
+    """--tokenizer bytes: every document is [256] + its UTF-8 bytes (non-ASCII included), recorded in the manifest;
+    the same shard layout; document-aligned windows start at the byte EOT (256), read from the manifest."""
+    docs = DOCS + ["Ünïcode — naïve café, 東京."]
+    src = write_txt(tmp_path / "in.txt", docs)
+    serial = prepare(FileSource([src]), tmp_path / "out", shard_size=64, prefix="b", workers=0, progress=False,
+                     tokenizer_name="bytes")
+    parallel = prepare(FileSource([src]), tmp_path / "par", shard_size=64, prefix="b", workers=2, progress=False,
+                       tokenizer_name="bytes")
+    assert serial["identity"]["tokenizer"] == {"name": "bytes", "n_vocab": 257, "eot": 256,
+                                               "document_encoding": "[eot] + list(text.encode('utf-8'))"}
+    stream = all_tokens(tmp_path / "out")
+    assert stream.tolist() == [t for d in docs for t in [256, *d.encode("utf-8")]]
+    assert dir_bytes(tmp_path / "out") == dir_bytes(tmp_path / "par") and serial["shards"] == parallel["shards"]
+    loader = TokenLoader(tmp_path / "out", 8, 2, document_aligned=True, vocab_size=257)
+    x, _ = loader.next_batch()
+    assert (x[:, 0] == 256).all()
+    with pytest.raises(ValueError, match="unknown tokenizer 'chars'"):
+        prepare(FileSource([src]), tmp_path / "bad", tokenizer_name="chars", workers=0, progress=False)
+
+
 def test_txt_crlf_and_gzip_give_same_documents(tmp_path):
     a = write_txt(tmp_path / "a.txt.gz", DOCS, gz=True)
     b = tmp_path / "b.txt"

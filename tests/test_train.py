@@ -1,6 +1,5 @@
 """train.py end to end on the embedded real-text sample: learning, exact resume, pre-emption, DDP/FSDP2 equivalence."""
 
-import gzip
 import json
 import os
 import signal
@@ -15,6 +14,8 @@ import torch
 import checkpoint as ckpt
 import train
 from config import ConfigError, load_config
+from data.fineweb_edu import prepare
+from data.sources import FileSource
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--head_dim=32", "--block_size=64", "--global_batch_size=8",
@@ -58,19 +59,13 @@ def subprocess_env():
 
 @pytest.fixture(scope="module")
 def byte_shards(tmp_path_factory):
-    """Jane Austen (from the embedded sample) as byte-level tokens, ids 0..255, in the llm.c shard format: the first
-    64 KiB are the validation shard, the rest 256 KiB train shards; validation and training text come from the same
-    novels. With a 256-token vocabulary a CPU-sized model gets well past the unigram statistics within a minute; with
-    GPT-2's 50,257 tokens it needs far longer (every embedding row must first be learned)."""
-    from data import shards as S
-
+    """Jane Austen (from the embedded sample) as UTF-8 bytes (data/fineweb_edu.py --tokenizer bytes: ids 0..255,
+    EOT 256) in 64k-token shards: shard 0, the validation split, and the training shards come from the same novels.
+    With a 257-token vocabulary a CPU-sized model gets well past the unigram statistics within a minute; with GPT-2's
+    50,257 tokens it needs far longer (every embedding row must first be learned)."""
     out = tmp_path_factory.mktemp("byte_shards")
-    with gzip.open(REPO / "data" / "sample" / "3_austen.txt.gz", "rb") as f:
-        tokens = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
-    S.write_shard(out / "austen_val_000000.bin", tokens[:65536])
-    rest = tokens[65536:]
-    for i, lo in enumerate(range(0, rest.size, 262144), 1):
-        S.write_shard(out / f"austen_train_{i:06d}.bin", rest[lo:lo + 262144])
+    prepare(FileSource([REPO / "data" / "sample" / "3_austen.txt.gz"]), out, shard_size=65536, prefix="austen",
+            workers=0, progress=False, tokenizer_name="bytes")
     return out
 
 
@@ -82,14 +77,14 @@ def test_tiny_model_learns_real_text(byte_shards, tmp_path):
 
     train_tokens = np.concatenate([np.asarray(S.open_shard(p)) for p in S.find_shards(byte_shards, "train")])
     val_targets = np.asarray(S.open_shard(S.find_shards(byte_shards, "val")[0]))[1:8193]  # the 8,192 scored
-    counts = np.bincount(train_tokens, minlength=256).astype(np.float64) + 0.01  # smoothed: unseen bytes finite
+    counts = np.bincount(train_tokens, minlength=320).astype(np.float64) + 0.01  # smoothed: unseen ids finite
     unigram_xent = float(-np.log(counts[val_targets] / counts.sum()).mean())
-    result = run_in_process(byte_shards, tmp_path / "run", "--vocab_size=256", "--max_steps=250",
+    result = run_in_process(byte_shards, tmp_path / "run", "--vocab_size=320", "--max_steps=250",
                             "--lr_decay_steps=250", "--eval_interval=125", "--learning_rate=1e-2", "--min_lr=1e-3",
                             "--log_interval=5", "--checkpoint_interval=250")
     assert result["finished"]
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
-    assert losses[0] > unigram_xent + 1.0  # starts near log(256) = 5.5
+    assert losses[0] > unigram_xent + 1.0  # starts near log(320) = 5.8
     assert result["val_loss"] < unigram_xent - 0.5, (result["val_loss"], unigram_xent)
 
 
