@@ -20,7 +20,8 @@ def test_cache_bytes_counts_keys_values_and_pe_features():
     expected_kv = 2 * SHAPE["n_layer"] * B * T * SHAPE["n_head"] * SHAPE["head_dim"] * 4  # k and v, fp32
     per_pe = {"rope": 0,
               "fox": SHAPE["n_layer"] * B * SHAPE["n_head"] * T * 8,  # fp64 cumulative log forget gates per key
-              "grape_ap": SHAPE["n_layer"] * B * SHAPE["n_head"] * T * 8 * 4}  # 8-dim fp32 rotated key probes
+              "grape_ap": SHAPE["n_layer"] * B * SHAPE["n_head"] * T * 8 * 4,  # 8-dim fp32 rotated key probes
+              "pope": expected_kv // 2}  # PoPE caches 2D-wide Cartesian keys: the K part doubles
     for pe, extra in per_pe.items():
         model = GPT(GPTConfig(**SHAPE, pos_encoding=pe)).eval()
         cache = model.new_cache()
