@@ -164,24 +164,26 @@ def test_causality(pe, kv_shift):
 # ---------------------------------------------------------------------------------------------------------- KV cache
 
 
+@torch.no_grad()
+def full_and_cached(model, idx, chunks):
+    """(logits of one full forward, the same logits decoded through the KV cache): the first chunks[i] tokens as
+    multi-token steps (a prefill, then a chunk on a non-empty cache), then one token at a time."""
+    full, _ = model(idx, all_logits=True)
+    cache, pieces, t = model.new_cache(), [], 0
+    for end in [*chunks, *range(chunks[-1] + 1, idx.size(1) + 1)]:
+        pieces.append(model(idx[:, t:end], cache=cache, all_logits=True)[0])
+        t = end
+    assert cache.length == idx.size(1)
+    return full, torch.cat(pieces, dim=1)
+
+
 @pytest.mark.parametrize("kv_shift", [False, True])
 @pytest.mark.parametrize("pe", ALL_PES + COMPOSED_PES)
 def test_cached_decoding_equals_full_forward(pe, kv_shift):
     torch.set_default_dtype(torch.float32)
-    model = tiny_model(pe, kv_shift)
-    idx = torch.randint(0, 97, (3, 40))
-    with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
-        # prefill 9 tokens, then a chunk of 7 (multi-token step on a non-empty cache), then one token at a time
-        cache = model.new_cache()
-        pieces = [model(idx[:, :9], cache=cache, all_logits=True)[0],
-                  model(idx[:, 9:16], cache=cache, all_logits=True)[0]]
-        for t in range(16, 40):
-            pieces.append(model(idx[:, t:t + 1], cache=cache, all_logits=True)[0])
-    assert cache.length == 40
-    err = (torch.cat(pieces, dim=1) - full).abs().max().item()
+    full, cached = full_and_cached(tiny_model(pe, kv_shift), torch.randint(0, 97, (3, 40)), [9, 16])
     assert full.abs().max() > 1.0  # logits are not trivially small
-    assert err <= 1e-5, err
+    assert (cached - full).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("pe,kw", [("grape_m_ctx", dict(grape_ctx_per_head=True)),
@@ -192,14 +194,8 @@ def test_cached_decoding_equals_full_forward(pe, kv_shift):
                                    ("grape_ap", dict(grape_ap_query_norm=True)),
                                    ("rope", dict(qk_norm_before_rotary=True)), ("rope_id", dict(block_size=8))])
 def test_cached_decoding_equals_full_forward_for_pe_options(pe, kw):
-    model = tiny_model(pe, kv_shift=True, **kw)
-    idx = torch.randint(0, 97, (2, 24))
-    with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
-        cache = model.new_cache()
-        pieces = [model(idx[:, :7], cache=cache, all_logits=True)[0]]
-        pieces += [model(idx[:, t:t + 1], cache=cache, all_logits=True)[0] for t in range(7, 24)]
-    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
+    full, cached = full_and_cached(tiny_model(pe, kv_shift=True, **kw), torch.randint(0, 97, (2, 24)), [7])
+    assert (cached - full).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("pe", ["rope", "alibi", "fox", "grape_m_ctx", "grape_ap", "grape_m+grape_a_k"])

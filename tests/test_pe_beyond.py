@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model import (GPT, GPTConfig, orthogonal_from_skew, rodrigues_rotate, rope_inv_freq, rope_scaling,
                    rotate_half_split)
-from test_model import tiny_model
+from test_model import full_and_cached, tiny_model
 from test_pe_math import B, T, double_model, half_split_generator, layer_inputs, lower, scores
 
 
@@ -337,15 +337,11 @@ def test_dynamic_yarn_follows_the_length():
 def test_scaled_models_decode_like_their_full_forward(kind, pe):
     """Static scalings are functions of position only: cached decoding == full forward; and they change logits."""
     model = tiny_model(pe, kv_shift=True, rope_scaling=kind, rope_scaling_factor=4.0, train_length=8)
-    plain = tiny_model(pe, kv_shift=True)
     idx = torch.randint(0, 97, (2, 20))
+    full, cached = full_and_cached(model, idx, [5])
     with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
-        cache = model.new_cache()
-        steps = [model(idx[:, :5], cache=cache, all_logits=True)[0]]
-        steps += [model(idx[:, t:t + 1], cache=cache, all_logits=True)[0] for t in range(5, 20)]
-        assert (plain(idx, all_logits=True)[0] - full).abs().max() > 1e-3
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+        assert (tiny_model(pe, kv_shift=True)(idx, all_logits=True)[0] - full).abs().max() > 1e-3
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
 
 
 def test_rope_scaling_is_refused_where_it_does_not_apply():
