@@ -8,7 +8,7 @@ Reads each run's config.json, metrics.jsonl and eval/ outputs (sweeps/results.py
   * the paper's table layout (sweeps/tables.py): rows = PE (+ KV-shift), one table per model shape, zero-shot
     accuracy on ARC-E, ARC-C, HellaSwag, OBQA, PIQA, WinoGrande, SciQ and Avg. when zero-shot results exist, the
     validation loss and the extrapolation loss at each length when present; runs that differ only in seed are one
-    row (mean ± sample std), the best of each column in bold.
+    row (mean ± sample std), the best of each column in bold; only finished runs (trained to their last step) count.
 --sweep SPEC adds the runs of a sweep spec (configs/sweeps/*.toml) whose directories exist.
 --out DIR also writes the markdown as DIR/report_<UTC time>.md with the figures next to it (<stem>_loss.png:
 training and validation loss vs tokens, one line per PE; <stem>_extrapolation.png: loss vs length, when
@@ -82,8 +82,13 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    groups = group_runs(results)
-    text = "\n\n".join(["## Runs", markdown_table([run_row(r) for r in results]), tables.markdown(groups)])
+    # only finished runs enter the aggregated tables: a mean over runs at different steps would compare nothing
+    groups = group_runs([r for r in results if r.finished])
+    unfinished = [r.name for r in results if not r.finished]
+    parts = ["## Runs", markdown_table([run_row(r) for r in results])]
+    if unfinished:
+        parts.append(f"Not finished, so not in the tables below: {', '.join(unfinished)}.")
+    text = "\n\n".join(parts + ([tables.markdown(groups)] if groups else []))
     print(text)
     if args.out:
         for path in write_report(text, groups, args.out):

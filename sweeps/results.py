@@ -42,6 +42,12 @@ class RunResult:
     def name(self):
         return self.path.name
 
+    @property
+    def finished(self):
+        """Trained to its last step (max_steps updates, or max_steps + 1 with reference_loop_quirks)."""
+        total = self.config["max_steps"] + (1 if self.config.get("reference_loop_quirks") else 0)
+        return bool(self.train) and self.train[-1]["step"] >= total
+
 
 def _events(metrics_file):
     last = {}

@@ -158,3 +158,14 @@ def test_not_a_run_directory_is_an_error(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     assert report_main(tmp_path / "x") == 2
     assert "is not a train.py run directory: config.json is missing" in capsys.readouterr().err
+
+
+def test_unfinished_runs_are_listed_but_not_averaged(tmp_path, capsys):
+    """A run still training (its last step below max_steps) is in the per-run table and named as unfinished, but a
+    mean over runs at different steps would compare nothing: it stays out of the aggregated rows."""
+    done = make_run(tmp_path, "tiny_rope_s0", "rope", 0, val_loss=5.0)
+    running = make_run(tmp_path, "tiny_rope_s1", "rope", 1, val_loss=9.0, steps=4, extra=["--max_steps=10"])
+    assert report_main(done, running) == 0
+    out = capsys.readouterr().out
+    assert "| tiny_rope_s1 | rope | 4 |" in out and "Not finished, so not in the tables below: tiny_rope_s1." in out
+    assert "| RoPE | 5.0000 | 1 |" in out and "9.0000" not in out.split("Not finished")[1]
