@@ -5,6 +5,9 @@ The report's figures (matplotlib, Agg), one line per group (a PE, KV-shift and s
                     curve is the mean over its runs at the steps every run logged.
     extrapolation   mean loss vs evaluation length (log scale), non-overlapping windows, error bars = sample std
                     over the group's runs; the training length dotted.
+
+A line's colour names its PE and a dashed line marks KV-shift, so a PE and its KV-shift variant read as a pair and no
+two PEs share a colour (tab20 holds 20; matplotlib's default cycle repeats after 10).
 """
 
 import numpy as np
@@ -21,6 +24,17 @@ def _pyplot():
     return plt
 
 
+def _line_styles(groups):
+    """{id(group): matplotlib kwargs}: one colour per distinct pos_encoding in order of appearance, dashed if kv_shift.
+
+    Up to 10 PEs take tab20's saturated half (tab10's colours); more take all 20 (pale ones included)."""
+    palette = _pyplot().get_cmap("tab20").colors
+    pes = list(dict.fromkeys(g.config["pos_encoding"] for g in groups))
+    step = 2 if len(pes) <= 10 else 1
+    return {id(g): {"color": palette[(step * pes.index(g.config["pos_encoding"])) % 20],
+                    "ls": "--" if g.config.get("kv_shift") else "-"} for g in groups}
+
+
 def _mean_curve(runs, events, key):
     """(tokens, mean values) over the steps that every run logged."""
     per_run = [{r["step"]: r for r in getattr(run, events)} for run in runs]
@@ -32,12 +46,14 @@ def _mean_curve(runs, events, key):
 def loss_curves(groups, names, path):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    styles = _line_styles(groups)
     for ax, events, key, title in ((axes[0], "train", "loss", "training loss"),
                                    (axes[1], "val", "val_loss", "validation loss")):
         for g in groups:
             tokens, values = _mean_curve(g.runs, events, key)
             if tokens:
-                ax.plot(tokens, values, marker="o" if events == "val" else None, ms=3, lw=1.2, label=names[id(g)])
+                ax.plot(tokens, values, marker="o" if events == "val" else None, ms=3, lw=1.2, label=names[id(g)],
+                        **styles[id(g)])
         ax.set(xlabel="tokens", ylabel="loss (nats)", title=f"{title} (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -51,7 +67,8 @@ def extrapolation(groups, names, path):
     if not any(r.extrapolation for g in groups for r in g.runs):
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    styles = _line_styles(groups)
     for g in groups:
         per_run = [extrapolation_losses(r.extrapolation, "nonoverlap") for r in g.runs if r.extrapolation]
         lengths = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
@@ -59,14 +76,15 @@ def extrapolation(groups, names, path):
             continue
         values = np.array([[p[L] for L in lengths] for p in per_run])
         err = values.std(axis=0, ddof=1) if len(values) > 1 else None
-        ax.errorbar(lengths, values.mean(axis=0), yerr=err, marker="o", ms=4, capsize=3, lw=1.2, label=names[id(g)])
+        ax.errorbar(lengths, values.mean(axis=0), yerr=err, marker="o", ms=4, capsize=3, lw=1.2, label=names[id(g)],
+                    **styles[id(g)])
     for T in sorted({g.config["block_size"] for g in groups}):
         ax.axvline(T, color="gray", ls=":", lw=0.8)
     ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="mean loss (nats)",
            title="loss vs evaluation length (non-overlapping windows; dotted: training length)")
     ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -169,3 +169,20 @@ def test_unfinished_runs_are_listed_but_not_averaged(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| tiny_rope_s1 | rope | 4 |" in out and "Not finished, so not in the tables below: tiny_rope_s1." in out
     assert "| RoPE | 5.0000 | 1 |" in out and "9.0000" not in out.split("Not finished")[1]
+
+
+def test_plot_styles_pair_a_pe_with_its_kv_shift_variant_and_never_repeat_a_colour():
+    from types import SimpleNamespace
+
+    from sweeps.plots import _line_styles
+
+    pes = ["rope", "alibi", "fox", "grape_m", "grape_m_ctx", "grape_a_qk", "grape_ap", "pope", "rope_id", "nope",
+           "grape_m_basis"]
+    groups = [SimpleNamespace(config={"pos_encoding": pe, "kv_shift": False}) for pe in pes]
+    groups += [SimpleNamespace(config={"pos_encoding": pe, "kv_shift": True}) for pe in ("rope", "fox")]
+    styles = _line_styles(groups)
+    base = {g.config["pos_encoding"]: styles[id(g)] for g in groups if not g.config["kv_shift"]}
+    assert len({s["color"] for s in base.values()}) == len(pes)       # 11 PEs: 11 colours
+    for g in groups[len(pes):]:
+        assert styles[id(g)]["color"] == base[g.config["pos_encoding"]]["color"]
+        assert styles[id(g)]["ls"] == "--" and base[g.config["pos_encoding"]]["ls"] == "-"
