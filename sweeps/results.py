@@ -22,7 +22,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train import RESUMABLE_CHANGES
+from config import build_config
+from train import RESUMABLE_CHANGES, total_steps
 
 NOT_GROUPED_BY = {"seed", "data_seed"} | (RESUMABLE_CHANGES - {"max_steps", "lr_decay_steps", "data_dir",
                                                                "val_tokens"})
@@ -44,8 +45,8 @@ class RunResult:
 
     @property
     def finished(self):
-        """Trained to its last step (max_steps updates, or max_steps + 1 with reference_loop_quirks)."""
-        total = self.config["max_steps"] + (1 if self.config.get("reference_loop_quirks") else 0)
+        """Trained to its last step: train.total_steps of its config, the test train.py itself applies."""
+        total = total_steps(build_config(self.config, where=str(self.path / "config.json")))
         return bool(self.train) and self.train[-1]["step"] >= total
 
 
