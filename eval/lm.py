@@ -47,7 +47,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
-from eval.load import autocast, load_model, parse_overrides, resolve_device
+from eval.load import CheckpointError, autocast, load_model, parse_overrides, resolve_device
 from eval.scoring import final_hidden_states, head_logits
 
 EOT_TEXT = "<|endoftext|>"
@@ -80,6 +80,11 @@ class GrapeLM(TemplateLM):
                 raise ValueError("config overrides need checkpoint=PATH (an in-memory model is used as it is)")
             model = model.eval().requires_grad_(False)
             self.info = dict(path=None, config=model.config.to_dict())
+        if model.config.vocab_size < GPT2_N_VOCAB:
+            raise CheckpointError(f"{self.info.get('path') or 'the model'}: vocab_size {model.config.vocab_size} is "
+                                  f"smaller than GPT-2's {GPT2_N_VOCAB:,} tokens, so it was trained on another "
+                                  f"tokenizer (e.g. data/fineweb_edu.py --tokenizer bytes); the tasks are scored "
+                                  f"in GPT-2 tokens")
         self.model = model
         self._device = next(model.parameters()).device if device in (None, "auto") else resolve_device(device)
         if next(model.parameters()).device != self._device:

@@ -58,6 +58,12 @@ class Task:
     yaml: str          # lm-eval's YAML, relative to lm_eval/tasks
     split: str         # the split lm-eval's task evaluates
     metrics: tuple     # what the task reports
+    choices: int       # answer options per question (ARC: 4 for almost all; a few have 3 or 5)
+
+    @property
+    def chance(self):
+        """Accuracy of a uniform guess, %."""
+        return 100.0 / self.choices
 
     @property
     def local(self):
@@ -65,13 +71,13 @@ class Task:
 
 
 TASKS = (
-    Task("arc_easy", "ARC-E", "arc/arc_easy.yaml", "test", ("acc", "acc_norm")),
-    Task("arc_challenge", "ARC-C", "arc/arc_challenge.yaml", "test", ("acc", "acc_norm")),
-    Task("hellaswag", "HellaSwag", "hellaswag/hellaswag.yaml", "validation", ("acc", "acc_norm")),
-    Task("openbookqa", "OBQA", "openbookqa/openbookqa.yaml", "test", ("acc", "acc_norm")),
-    Task("piqa", "PIQA", "piqa/piqa.yaml", "validation", ("acc", "acc_norm")),
-    Task("winogrande", "WinoGrande", "winogrande/default.yaml", "validation", ("acc",)),
-    Task("sciq", "SciQ", "sciq/sciq.yaml", "test", ("acc", "acc_norm")),
+    Task("arc_easy", "ARC-E", "arc/arc_easy.yaml", "test", ("acc", "acc_norm"), 4),
+    Task("arc_challenge", "ARC-C", "arc/arc_challenge.yaml", "test", ("acc", "acc_norm"), 4),
+    Task("hellaswag", "HellaSwag", "hellaswag/hellaswag.yaml", "validation", ("acc", "acc_norm"), 4),
+    Task("openbookqa", "OBQA", "openbookqa/openbookqa.yaml", "test", ("acc", "acc_norm"), 4),
+    Task("piqa", "PIQA", "piqa/piqa.yaml", "validation", ("acc", "acc_norm"), 2),
+    Task("winogrande", "WinoGrande", "winogrande/default.yaml", "validation", ("acc",), 2),
+    Task("sciq", "SciQ", "sciq/sciq.yaml", "test", ("acc", "acc_norm"), 4),
 )
 TASKS_BY_NAME = {t.name: t for t in TASKS}
 TASK_GROUPS = {"paper7": [t.name for t in TASKS]}
@@ -79,6 +85,23 @@ TASK_GROUPS = {"paper7": [t.name for t in TASKS]}
 
 class TaskDataError(ValueError):
     pass
+
+
+def binomial_stderr(percent, n):
+    """Standard error (%) of an accuracy measured on n examples, as lm-eval computes it (sample std / sqrt(n))."""
+    p = percent / 100.0
+    return 100.0 * (p * (1.0 - p) / (n - 1)) ** 0.5 if n and n > 1 else None
+
+
+def at_chance(scores):
+    """True when every task's accuracy is within two standard errors of a uniform guess: a model that has learned
+    nothing the tasks measure (a table of such models checks the pipeline; it compares nothing).
+    scores: {task name: (accuracy %, standard error % or None)}. A task without a standard error cannot be told
+    from chance; no task at all is not at chance."""
+    if not scores:
+        return False
+    return all(se is not None and abs(acc - TASKS_BY_NAME[name].chance) <= 2.0 * se
+               for name, (acc, se) in scores.items())
 
 
 def resolve_task_names(spec):

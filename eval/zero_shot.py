@@ -154,33 +154,52 @@ def _version(package):
     return version(package.replace("_", "-"))
 
 
+def scores(record, metric):
+    """{task name: (percentage, its standard error %)} of one result record: `metric`, or acc where the task has
+    no `metric` (WinoGrande). The standard error is lm-eval's, else the binomial one from the task's example count
+    (records without it), else None."""
+    from eval.tasks import binomial_stderr
+
+    if record is None:
+        return {}
+    out = {}
+    for task, entry in record["tasks"].items():
+        name = metric if metric in entry else "acc"
+        se = entry.get(f"{name}_stderr")
+        out[task] = (entry[name], se if se is not None else binomial_stderr(entry[name], entry.get("n")))
+    return out
+
+
 def row_label(record):
     label = record["pos_encoding"] + (" (w/ KV-shift)" if record.get("kv_shift") else "")
     return f"{label} @ step {record['step']}" if record.get("step") is not None else label
 
 
 def markdown(records):
-    """The paper's tables (acc_norm with WinoGrande acc; then acc) for one or more result records."""
-    from eval.tasks import TASKS
+    """The paper's tables (acc_norm with WinoGrande acc; then acc) for one or more result records, each value with
+    its standard error below it. No cell is marked best (most differences at these sample sizes are noise); a
+    record within noise of chance on every task is labelled "(at chance)", and a table of such records only is
+    headed as a pipeline check."""
+    from eval.tasks import TASKS, at_chance
 
     present = [t for t in TASKS if any(t.name in r["tasks"] for r in records)]
     header = [(t.column + (" (val)" if any(r["tasks"].get(t.name, {}).get("split") not in (None, t.split)
                                             for r in records) else "")) for t in present]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"
     lines = []
     for metric, title in (("acc_norm", "acc_norm (WinoGrande: acc)"), ("acc", "acc")):
-        lines += [f"**{title}**, 0-shot, % (± standard error)", "",
+        per_record = [scores(r, metric) for r in records]
+        chance = [at_chance(s) for s in per_record]
+        check = " (pipeline check: within noise of chance on every task, not a result)" if all(chance) else ""
+        lines += [f"**{title}**, 0-shot, % (± standard error){check}", "",
                   "| Method | " + " | ".join(header) + " | Avg. |", "|---" * (len(header) + 2) + "|"]
-        for r in records:
-            vals, errs = [], []
-            for t in present:
-                e = r["tasks"].get(t.name)
-                m = metric if e is not None and metric in e else "acc"
-                vals.append(None if e is None else e[m])
-                errs.append(None if e is None else e.get(f"{m}_stderr"))
+        for r, s, low in zip(records, per_record, chance):
+            vals = [s[t.name][0] if t.name in s else None for t in present]
+            errs = [s[t.name][1] if t.name in s else None for t in present]
             got = [v for v in vals if v is not None]
             avg = sum(got) / len(got) if got else None
-            fmt = lambda v: "–" if v is None else f"{v:.2f}"
-            lines.append(f"| {row_label(r)} | " + " | ".join(map(fmt, vals)) + f" | {fmt(avg)} |")
+            label = row_label(r) + (" (at chance)" if low and not check else "")
+            lines.append(f"| {label} | " + " | ".join(map(fmt, vals)) + f" | {fmt(avg)} |")
             lines.append("| ± | " + " | ".join(map(fmt, errs)) + " | |")
         lines.append("")
     notes = []
@@ -196,6 +215,8 @@ def markdown(records):
                                     if eot == {True} else "without an EOT prefix (as the reference harness)"
                                     if eot == {False} else "with and without an EOT prefix (see the JSON)"))
     notes.append("Avg.: unweighted mean of the columns shown")
+    notes.append("chance: a uniform guess (25% on the 4-way tasks, 50% on PIQA and WinoGrande); within noise: "
+                 "within two standard errors")
     return "\n".join(lines + [f"Notes: {'; '.join(notes)}.", ""])
 
 

@@ -136,13 +136,6 @@ def mean_std(values):
     return statistics.fmean(got), (statistics.stdev(got) if len(got) > 1 else None), len(got)
 
 
-def zero_shot_scores(record, metric):
-    """{task name: percentage} of one zero-shot record: `metric`, or acc where the task has no `metric`."""
-    if record is None:
-        return {}
-    return {task: entry.get(metric, entry.get("acc")) for task, entry in record["tasks"].items()}
-
-
 def extrapolation_losses(entry, mode):
     """{length in tokens: mean loss} of one run's extrapolation entry for mode nonoverlap or sliding."""
     if entry is None:

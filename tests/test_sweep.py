@@ -106,6 +106,18 @@ def test_every_shipped_spec_resolves(tmp_path, name):
     assert all(r.out_dir.parent == tmp_path and r.final_checkpoint.parent == r.out_dir for r in spec.runs)
 
 
+def test_quickstart_compares_four_encodings_on_bytes_over_two_seeds_to_8x(tmp_path):
+    """The README's main job: RoPE, ALiBi, FoX, GRAPE-AP x 2 seeds on the byte shards, loss to 8x, no zero-shot
+    (a byte-level model cannot read GPT-2 tokens)."""
+    spec = load_spec(SWEEPS / "quickstart.toml", out_root=tmp_path)
+    assert sorted((r.cfg.model.pos_encoding, r.cfg.seed) for r in spec.runs) == \
+           sorted((pe, s) for pe in ("rope", "alibi", "fox", "grape_ap") for s in (0, 1))
+    for run in spec.runs:
+        assert run.cfg.data_dir == "data/shards/sample_bytes" and run.cfg.model.vocab_size == 320
+        assert run.cfg.data_seed == run.cfg.seed and run.total_steps == spec.runs[0].total_steps
+        assert [(e.name, e.lengths) for e in run.evals] == [("extrapolation", ("1x", "2x", "4x", "8x"))]
+
+
 def test_mini_study_has_14_configurations_by_3_seeds(tmp_path):
     """Expanded without resolving (pope and rope_id are resolved only where model.py accepts them)."""
     from model import GPTConfig
