@@ -6,7 +6,8 @@ Layout of one checkpoint (a directory under the run's out_dir):
     out_dir/ckpt_0001000/
         model.pt          full (unsharded) model state dict, fp32, written by rank 0
         optimizer.pt      full optimizer state dict keyed by parameter name (portable across DDP/FSDP/world sizes)
-        meta.json         step, tokens seen, data-loader state, resolved config, git revision, world size
+        meta.json         step, tokens seen, data-loader state, resolved config, git revision, world size, and
+                          the environment a bitwise continuation depends on (`environment`)
         rng_rank{r}.pt    each rank's python/numpy/torch(/cuda) RNG states
 
 Atomicity: everything is written into `out_dir/.tmp_ckpt_0001000/`, flushed and fsync'ed; then rank 0 renames the
@@ -17,6 +18,7 @@ which is never loaded. Pruning runs after the rename, so the newest complete che
 
 import json
 import os
+import platform
 import random
 import re
 import shutil
@@ -130,6 +132,37 @@ def load_meta(path):
 def load_rank_rng(path, rank):
     file = Path(path) / f"rng_rank{rank}.pt"
     return torch.load(file, weights_only=False) if file.exists() else None
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(world_size, device):
+    """What a resumed run must share with the run that saved, besides the checkpoint itself, to continue it bit for
+    bit: floating-point rounding depends on how work is split (world size; on a CPU, torch's thread count), on the
+    kernels (the torch build; the CPU instruction set torch dispatches to, or the GPU model and CUDA version)."""
+    env = dict(world_size=world_size, device=device.type, torch=torch.__version__)
+    if device.type == "cuda":
+        env.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    else:
+        env.update(device_name=_cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   threads=torch.get_num_threads())
+    return env
+
+
+def environment_changes(meta, current):
+    """['key saved -> now', ...] for what differs between a checkpoint's recorded environment and `current`
+    (checkpoints written before the record existed: only their world size is known)."""
+    saved = meta.get("environment") or {"world_size": meta.get("world_size")}
+    return [f"{key} {saved[key]!r} -> {current.get(key)!r}" for key in saved
+            if saved[key] is not None and saved[key] != current.get(key)]
 
 
 def git_revision():

@@ -64,7 +64,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
     compile: bool = False
     fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP
-    peak_flops: float = 989e12  # per device, for MFU (H100 SXM bf16 dense)
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: from the GPU's name (mfu.PEAK_BF16), n/a on CPU
     model: GPTConfig = field(default_factory=GPTConfig)
 
     def resolved_dict(self):
@@ -202,7 +202,7 @@ def validate(cfg, where="config"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{where}: key {key!r} must be > 0, got {getattr(cfg, key)}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "eval_interval",
-                "keep_every", "adam_eps"):
+                "keep_every", "adam_eps", "peak_flops"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{where}: key {key!r} must be >= 0, got {getattr(cfg, key)}")
     if cfg.min_lr > cfg.learning_rate:

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint as ckpt
+import mfu
 from config import ConfigError, TrainConfig, load_config
 from data.loader import TokenLoader, ValidationSet
 from model import GPT
@@ -219,7 +220,8 @@ def save(d, cfg, step, tokens, raw, optimizer, loader, reason):
     ckpt.write_rank_files(tmp, d.rank)
     if d.master:
         meta = dict(step=step, tokens=tokens, loader=loader.state_dict(), config=cfg.resolved_dict(),
-                    git=ckpt.git_revision(), world_size=d.world, reason=reason, time=time.time())
+                    git=ckpt.git_revision(), world_size=d.world, environment=ckpt.environment(d.world, d.device),
+                    reason=reason, time=time.time())
         ckpt.write_main_files(tmp, model_state, optim_state, meta)
     d.barrier()
     if d.master:
@@ -392,6 +394,17 @@ def _train(cfg, d):
             ckpt.set_rng_state(rng)
         step, tokens = meta["step"], meta["tokens"]
         print0(d, f"resumed from {latest} at step {step} ({tokens:,} tokens)")
+        changed = ckpt.environment_changes(meta, ckpt.environment(d.world, d.device))
+        if changed:
+            print0(d, f"warning: resuming with {', '.join(changed)}: the run continues the same optimisation (state, "
+                      f"data order), but not bit for bit as an uninterrupted run would (that needs the same world "
+                      f"size, device, thread count and torch build)")
+        elif d.device.type == "cuda":
+            print0(d, "same world size, GPU, CUDA and torch build as the run that saved: the continuation equals an "
+                      "uninterrupted run as far as the CUDA kernels are deterministic")
+        else:
+            print0(d, "same world size, CPU, thread count and torch build as the run that saved: the continuation is "
+                      "bit for bit what an uninterrupted run computes")
     n_steps = total_steps(cfg)
     if step >= n_steps:
         print0(d, f"{out_dir} is finished ({step} of {n_steps} steps); nothing to do")
@@ -400,12 +413,15 @@ def _train(cfg, d):
     metrics = Metrics(cfg, d, step)
     stop = StopSignal()
     n_params = raw.num_params()
-    L, H, D = cfg.model.n_layer, cfg.model.n_head, cfg.model.head_dim
-    flops_per_token = 6 * n_params + 12 * L * H * D * T  # PaLM appendix B; tied head counted once
+    shape = (n_params, cfg.model.n_layer, cfg.model.n_head, cfg.model.head_dim, T)
+    flops_per_token = mfu.flops_per_token(*shape)
+    peak, peak_source = mfu.device_peak(d.device, cfg.peak_flops)
     tokens_per_step = cfg.global_batch_size * T
     print0(d, f"{cfg.model.pos_encoding}{' + kv_shift' if cfg.model.kv_shift else ''}: {n_params:,} parameters, "
               f"{d.world} process(es) x {accum} micro-steps x {micro_batch} x {T} tokens = "
               f"{tokens_per_step:,} tokens/step, {n_steps} steps, device {d.device}")
+    print0(d, f"MFU: {mfu.formula(*shape)}; peak " +
+              (f"{peak / 1e12:,.0f} TFLOP/s per device ({peak_source})" if peak else f"unknown ({peak_source}): n/a"))
 
     loss_scale = loss_multiplier(cfg, accum)
     eval_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -447,13 +463,13 @@ def _train(cfg, d):
                 torch.cuda.synchronize()
             now = time.time()
             tok_s = steps_since_log * tokens_per_step / (now - t_log)
-            mfu = flops_per_token * tok_s / d.world / cfg.peak_flops
+            step_mfu = mfu.utilisation(tok_s / d.world, flops_per_token, peak)
             eta = (now - t_start) / max(1, step - start_step) * (n_steps - step)
             mem = memory_mb(d.device)
             print0(d, f"step {step}/{n_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | "
-                      f"{tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | mem {mem:,.0f}MB | eta {format_eta(eta)}")
+                      f"{tok_s:,.0f} tok/s | mfu {mfu.percent(step_mfu)} | mem {mem:,.0f}MB | eta {format_eta(eta)}")
             metrics.write(dict(event="train", step=step, tokens=tokens, loss=mean_loss, lr=lr,
-                               grad_norm=grad_norm.item(), tokens_per_s=tok_s, mfu=mfu, memory_mb=mem))
+                               grad_norm=grad_norm.item(), tokens_per_s=tok_s, mfu=step_mfu, memory_mb=mem))
             t_log, steps_since_log = time.time(), 0
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
             last_val = evaluate(eval_model, val, cfg, d, amp, micro_batch)

@@ -24,3 +24,16 @@ def shards(tmp_path_factory):
     prepare(FileSource([f for f in files if "brown" not in f.name]), out, shard_size=65536, prefix="sample",
             workers=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def byte_shards(tmp_path_factory):
+    """Jane Austen (from the embedded sample) as UTF-8 bytes (data/fineweb_edu.py --tokenizer bytes: ids 0..255,
+    EOT 256; model vocab_size 320) in 64k-token shards: shard 0, the validation split, and the training shards come
+    from the same novels. With a 257-token vocabulary a CPU-sized model gets well past the unigram statistics within
+    a minute, and a training step costs a fraction of one with GPT-2's 50,257 tokens (whose embedding and head are
+    most of a tiny model's work), so tests that train for their own sake (resume, faults, sweeps) use these."""
+    out = tmp_path_factory.mktemp("byte_shards")
+    prepare(FileSource([REPO / "data" / "sample" / "3_austen.txt.gz"]), out, shard_size=65536, prefix="austen",
+            workers=0, progress=False, tokenizer_name="bytes")
+    return out

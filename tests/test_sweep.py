@@ -258,7 +258,7 @@ def fake_slurm(bin_dir, log_dir):
         (bin_dir / name).chmod(0o755)
 
 
-def test_batch_script_checkpoints_requeues_resumes_then_evaluates(shards, tmp_path, monkeypatch):
+def test_batch_script_checkpoints_requeues_resumes_then_evaluates(byte_shards, tmp_path, monkeypatch):
     """A submitted script run by stand-ins for SLURM on this machine. Job 77 gets the time-limit warning at step 2:
     train.py checkpoints, the script requeues the job and evaluates nothing. The requeued job resumes from that
     checkpoint, finishes and runs the chained evaluation; one more run trains and evaluates nothing."""
@@ -267,7 +267,7 @@ def test_batch_script_checkpoints_requeues_resumes_then_evaluates(shards, tmp_pa
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("FAKE_USR1_AT_STEP", "2")
     root, run = tmp_path / "runs", tmp_path / "runs" / "micro_rope_s0"
-    common = [SWEEPS / "smoke.toml", "--out-root", root, "--set", f"data_dir={shards}", "--only", "micro_rope*"]
+    common = [SWEEPS / "smoke.toml", "--out-root", root, "--set", f"data_dir={byte_shards}", "--only", "micro_rope*"]
     assert sweep_main(*common) == 0
     out = (tmp_path / "job.out").read_text()
     assert "stopped before the time limit; requeueing job 77" in out and "job exit 0" in out, out
@@ -301,13 +301,11 @@ def snapshot(root):
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
-def test_local_sweep_trains_evaluates_skips_and_resumes(shards, tmp_path, capsys, monkeypatch):
+def test_local_sweep_trains_evaluates_skips_and_resumes(byte_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matmuls: threads only contend on a shared 2-core machine
     root = tmp_path / "runs"
-    common = [SWEEPS / "smoke.toml", "--local", "--quiet", "--out-root", root, "--set", f"data_dir={shards}"]
-    start = time.time()
+    common = [SWEEPS / "smoke.toml", "--local", "--quiet", "--out-root", root, "--set", f"data_dir={byte_shards}"]
     assert sweep_main(*common) == 0
-    first = time.time() - start
     out = capsys.readouterr().out
     assert "2 runs" in out and "2 completed, 0 skipped (done), 0 failed" in out
     for name in ("micro_rope_s0", "micro_alibi_s0"):
@@ -315,7 +313,7 @@ def test_local_sweep_trains_evaluates_skips_and_resumes(shards, tmp_path, capsys
         assert ckpt.latest_checkpoint(run).name == "ckpt_0000006"
         assert state.eval_done(run, "extrapolation", 6, ["1x", "2x"])
         result = json.loads(next((run / "eval").glob("extrapolation_*.json")).read_text())
-        assert result["data"] == str(next(shards.glob("*_val_000000.bin")).resolve())  # the run's own data
+        assert result["data"] == str(next(byte_shards.glob("*_val_000000.bin")).resolve())  # the run's own data
         assert json.loads((run / "config.json").read_text())["pos_encoding"] == name.split("_")[1]
 
     before = snapshot(root)
@@ -338,7 +336,6 @@ def test_local_sweep_trains_evaluates_skips_and_resumes(shards, tmp_path, capsys
     assert state.eval_done(run, "extrapolation", 9, ["1x", "2x"])
     assert len(list((run / "eval").glob("extrapolation_*.json"))) == 2
     assert all(before[p] == (p.stat().st_mtime_ns, p.read_bytes()) for p in before if "alibi" in str(p))
-    assert first < 120, f"the 2-run local sweep took {first:.0f}s"
 
 
 def test_state_cli_tells_finished_time_limit_and_termination_apart(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """train.py end to end on the embedded real-text sample: learning, exact resume, pre-emption, DDP/FSDP2 equivalence."""
 
+import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,21 +16,26 @@ import train
 from config import ConfigError, load_config
 from data.fineweb_edu import prepare
 from data.sources import FileSource
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import COMPARE_THREADS, REPO, assert_bitwise_equal, child_env, torch_threads
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--head_dim=32", "--block_size=64", "--global_batch_size=8",
         "--micro_batch_size=8", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_steps=5", "--val_tokens=8192",
         "--log_interval=1", "--wandb=disabled", "--device=cpu", "--compile=false"]
 
 
 def args_for(shards, out_dir, *extra):
+    """train.py's arguments: the tiny config on these shards (byte shards: the 320-row vocabulary)."""
+    tokenizer = json.loads((Path(shards) / "manifest.json").read_text())["identity"]["tokenizer"]["name"]
+    vocab = ["--vocab_size=320"] if tokenizer == "bytes" else []
     return [str(REPO / "configs" / "tiny" / "rope.toml"), f"--data_dir={shards}", f"--out_dir={out_dir}", *TINY,
-            *extra]
+            *vocab, *extra]
 
 
-def run_in_process(shards, out_dir, *extra):
+def run_in_process(shards, out_dir, *extra, threads=None):
+    """train.py in this process; threads: torch's thread count for the run (that of the child processes it is
+    compared with bit for bit, helpers.COMPARE_THREADS), default unchanged."""
     argv = args_for(shards, out_dir, *extra)
-    return train.train(load_config(argv[0], argv[1:]))
+    with torch_threads(threads) if threads else contextlib.nullcontext():
+        return train.train(load_config(argv[0], argv[1:]))
 
 
 def metrics(out_dir, event="train"):
@@ -42,31 +47,7 @@ def final_weights(out_dir):
     return torch.load(ckpt.latest_checkpoint(out_dir) / "model.pt", weights_only=True)
 
 
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def subprocess_env():
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    env.pop("RANK", None)
-    return env
-
-
 # ---------------------------------------------------------------------------------------------------------- learning
-
-
-@pytest.fixture(scope="module")
-def byte_shards(tmp_path_factory):
-    """Jane Austen (from the embedded sample) as UTF-8 bytes (data/fineweb_edu.py --tokenizer bytes: ids 0..255,
-    EOT 256) in 64k-token shards: shard 0, the validation split, and the training shards come from the same novels.
-    With a 257-token vocabulary a CPU-sized model gets well past the unigram statistics within a minute; with GPT-2's
-    50,257 tokens it needs far longer (every embedding row must first be learned)."""
-    out = tmp_path_factory.mktemp("byte_shards")
-    prepare(FileSource([REPO / "data" / "sample" / "3_austen.txt.gz"]), out, shard_size=65536, prefix="austen",
-            workers=0, progress=False, tokenizer_name="bytes")
-    return out
 
 
 def test_tiny_model_learns_real_text(byte_shards, tmp_path):
@@ -90,9 +71,9 @@ def test_tiny_model_learns_real_text(byte_shards, tmp_path):
 
 @pytest.mark.parametrize("pe", ["alibi", "fox", "grape_m_ctx", "grape_ap", "pope", "rope_id", "grape_m_rank2",
                                 "grape_m_basis", "grape_m_mix", "grape_m+grape_a_qk"])
-def test_other_encodings_train(shards, tmp_path, pe):
-    """Every PE trains through train.py (GPT-2 tokens, KV-shift on): the loss falls by more than 1 nat in 20 steps."""
-    result = run_in_process(shards, tmp_path / pe, f"--pos_encoding={pe}", "--kv_shift=true", "--max_steps=20",
+def test_other_encodings_train(byte_shards, tmp_path, pe):
+    """Every PE trains through train.py (KV-shift on): the loss falls by more than 1 nat in 20 steps."""
+    result = run_in_process(byte_shards, tmp_path / pe, f"--pos_encoding={pe}", "--kv_shift=true", "--max_steps=20",
                             "--eval_interval=20")
     losses = [r["loss"] for r in metrics(tmp_path / pe)]
     assert result["finished"] and losses[-1] < losses[0] - 1.0
@@ -101,27 +82,29 @@ def test_other_encodings_train(shards, tmp_path, pe):
 # ---------------------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_is_bitwise_and_finished_runs_are_skipped(shards, tmp_path):
-    run_in_process(shards, tmp_path / "straight", "--max_steps=8", "--checkpoint_interval=4")
-    run_in_process(shards, tmp_path / "split", "--max_steps=5", "--checkpoint_interval=4")  # saves 4 and 5
+@pytest.mark.bitwise
+def test_resume_is_bitwise_and_finished_runs_are_skipped(byte_shards, tmp_path):
+    run_in_process(byte_shards, tmp_path / "straight", "--max_steps=8", "--checkpoint_interval=4")
+    run_in_process(byte_shards, tmp_path / "split", "--max_steps=5", "--checkpoint_interval=4")  # saves 4 and 5
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "split")] == [4, 5]
-    run_in_process(shards, tmp_path / "split", "--max_steps=8", "--checkpoint_interval=4")  # resumes at 5
+    run_in_process(byte_shards, tmp_path / "split", "--max_steps=8", "--checkpoint_interval=4")  # resumes at 5
     assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
     straight = [r["loss"] for r in metrics(tmp_path / "straight")]
     split = [r["loss"] for r in metrics(tmp_path / "split")]
     assert straight == split
-    again = run_in_process(shards, tmp_path / "split", "--max_steps=8")
+    again = run_in_process(byte_shards, tmp_path / "split", "--max_steps=8")
     assert again == dict(step=8, finished=True)
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise(shards, tmp_path):
+@pytest.mark.bitwise
+def test_sigkill_at_a_random_step_then_resume_is_bitwise(byte_shards, tmp_path):
     reference = tmp_path / "reference"
-    run_in_process(shards, reference, "--max_steps=12", "--checkpoint_interval=3")
+    run_in_process(byte_shards, reference, "--max_steps=12", "--checkpoint_interval=3", threads=COMPARE_THREADS)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "train.py"), *args_for(shards, killed, "--max_steps=12",
+    cmd = [sys.executable, str(REPO / "train.py"), *args_for(byte_shards, killed, "--max_steps=12",
                                                               "--checkpoint_interval=3")]
     kill_at = int(np.random.default_rng().integers(4, 11))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     for line in proc.stdout:
         if line.startswith(f"step {kill_at}/"):
             proc.send_signal(signal.SIGKILL)
@@ -129,13 +112,32 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise(shards, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert ckpt.latest_checkpoint(killed) is not None
-    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     assert done.returncode == 0, done.stderr
-    assert "resumed from" in done.stdout
+    assert "resumed from" in done.stdout and "the continuation is bit for bit" in done.stdout
     assert_bitwise_equal(final_weights(reference), final_weights(killed))
 
 
-def test_crash_during_checkpoint_write_keeps_the_previous_checkpoint(shards, tmp_path, monkeypatch):
+@pytest.mark.bitwise
+def test_resume_says_what_changed_that_bitwise_continuation_needs(byte_shards, tmp_path, capsys):
+    """Checkpoints record world size, device, CPU, instruction set, thread count and torch build; resuming with a
+    different thread count continues, with a warning naming the change."""
+    out = tmp_path / "run"
+    run_in_process(byte_shards, out, "--max_steps=2", threads=1)
+    env = ckpt.load_meta(ckpt.latest_checkpoint(out))["environment"]
+    assert env == ckpt.environment(1, torch.device("cpu")) | {"threads": 1}
+    assert set(env) == {"world_size", "device", "torch", "device_name", "cpu_capability", "threads"}
+    capsys.readouterr()
+    argv = args_for(byte_shards, out, "--max_steps=4")
+    with torch_threads(2):
+        assert train.train(load_config(argv[0], argv[1:]))["finished"]
+    text = capsys.readouterr().out
+    assert "warning: resuming with threads 1 -> 2: the run continues the same optimisation" in text
+    assert ckpt.environment_changes({"world_size": 2}, env) == ["world_size 2 -> 1"]  # a checkpoint from before
+
+
+@pytest.mark.bitwise
+def test_crash_during_checkpoint_write_keeps_the_previous_checkpoint(byte_shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_write = ckpt.write_main_files
 
@@ -147,27 +149,27 @@ def test_crash_during_checkpoint_write_keeps_the_previous_checkpoint(shards, tmp
 
     monkeypatch.setattr(ckpt, "write_main_files", crash_at_step_6)
     with pytest.raises(OSError, match="simulated"):
-        run_in_process(shards, out, "--max_steps=8", "--checkpoint_interval=3")
+        run_in_process(byte_shards, out, "--max_steps=8", "--checkpoint_interval=3")
     assert (out / ".tmp_ckpt_0000006").is_dir()
     assert ckpt.latest_checkpoint(out).name == "ckpt_0000003"
     monkeypatch.setattr(ckpt, "write_main_files", real_write)
-    result = run_in_process(shards, out, "--max_steps=8", "--checkpoint_interval=3")
+    result = run_in_process(byte_shards, out, "--max_steps=8", "--checkpoint_interval=3")
     assert result["finished"]
-    run_in_process(shards, tmp_path / "reference", "--max_steps=8", "--checkpoint_interval=3")
+    run_in_process(byte_shards, tmp_path / "reference", "--max_steps=8", "--checkpoint_interval=3")
     assert_bitwise_equal(final_weights(tmp_path / "reference"), final_weights(out))
 
 
-def test_keep_last_and_keep_every(shards, tmp_path):
-    run_in_process(shards, tmp_path / "run", "--max_steps=10", "--checkpoint_interval=1", "--keep_last=2",
+def test_keep_last_and_keep_every(byte_shards, tmp_path):
+    run_in_process(byte_shards, tmp_path / "run", "--max_steps=10", "--checkpoint_interval=1", "--keep_last=2",
                    "--keep_every=4", "--eval_interval=0")
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4, 8, 9, 10]
 
 
-def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
+def test_sigterm_saves_and_exits_cleanly(byte_shards, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), *args_for(shards, out, "--max_steps=50",
+    cmd = [sys.executable, str(REPO / "train.py"), *args_for(byte_shards, out, "--max_steps=50",
                                                               "--checkpoint_interval=100")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     for line in proc.stdout:
         if line.startswith("step 3/"):
             proc.send_signal(signal.SIGTERM)
@@ -180,9 +182,9 @@ def test_sigterm_saves_and_exits_cleanly(shards, tmp_path):
     assert ckpt.load_meta(ckpt.latest_checkpoint(out))["reason"] == "signal SIGTERM"
 
 
-def test_nonfinite_loss_stops_without_saving(shards, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_without_saving(byte_shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run_in_process(shards, out, "--max_steps=4", "--checkpoint_interval=2")
+    run_in_process(byte_shards, out, "--max_steps=4", "--checkpoint_interval=2")
     original = train.GPT.forward
 
     def poisoned(self, idx, targets=None, **kw):
@@ -191,7 +193,7 @@ def test_nonfinite_loss_stops_without_saving(shards, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.GPT, "forward", poisoned)
     with pytest.raises(SystemExit) as exit_info:
-        run_in_process(shards, out, "--max_steps=8", "--checkpoint_interval=1")
+        run_in_process(byte_shards, out, "--max_steps=8", "--checkpoint_interval=1")
     assert exit_info.value.code == train.EXIT_NONFINITE
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 4]
     assert metrics(out, "nonfinite")[0]["step"] == 4
@@ -200,20 +202,21 @@ def test_nonfinite_loss_stops_without_saving(shards, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------- distributed
 
 
-def torchrun(nproc, shards, out_dir, *extra):
+def torchrun(nproc, byte_shards, out_dir, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "train.py"), *args_for(shards, out_dir, *extra)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+           str(REPO / "train.py"), *args_for(byte_shards, out_dir, *extra)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
-def test_two_processes_equal_one_process_with_accumulation(shards, tmp_path):
+@pytest.mark.bitwise
+def test_two_processes_equal_one_process_with_accumulation(byte_shards, tmp_path):
     """2 processes x 1 micro-step of 4 and 1 process x 2 micro-steps of 4 see the same 8 sequences per step."""
     common = ["--max_steps=6", "--global_batch_size=8", "--micro_batch_size=4", "--checkpoint_interval=6",
               "--eval_interval=6"]
-    run_in_process(shards, tmp_path / "one", *common)
-    torchrun(2, shards, tmp_path / "ddp", *common)
+    run_in_process(byte_shards, tmp_path / "one", *common, threads=COMPARE_THREADS)
+    torchrun(2, byte_shards, tmp_path / "ddp", *common)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "ddp")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
@@ -221,6 +224,7 @@ def test_two_processes_equal_one_process_with_accumulation(shards, tmp_path):
     assert abs(metrics(tmp_path / "one", "val")[-1]["val_loss"] - metrics(tmp_path / "ddp", "val")[-1]["val_loss"]) <= 1e-6
 
 
+@pytest.mark.bitwise
 def test_fsdp2_trains_and_resumes(shards, tmp_path):
     """FSDP2 on 2 CPU processes, stopped and resumed, ends bitwise where DDP ends: at world size 2 the reduce-scatter
     and the all-reduce add the same two terms, and the gradient norm (hence the clip) is accumulated in fp64. The
@@ -242,8 +246,8 @@ def test_fsdp2_trains_and_resumes(shards, tmp_path):
 # ---------------------------------------------------------------------------------------------------------- configs
 
 
-def test_bad_configs_give_named_errors(shards, tmp_path, capsys):
-    base = args_for(shards, tmp_path / "run")
+def test_bad_configs_give_named_errors(byte_shards, tmp_path, capsys):
+    base = args_for(byte_shards, tmp_path / "run")
     for extra, expected in [(["--pos_encodng=rope"], "unknown key 'pos_encodng'; did you mean 'pos_encoding'"),
                             (["--max_steps=ten"], "key 'max_steps' must be int"),
                             (["--pos_encoding=rotary"], "unknown GPTConfig.pos_encoding 'rotary'"),
@@ -274,10 +278,10 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes():
                                   "run")
 
 
-def test_a_different_run_in_the_same_out_dir_is_refused(shards, tmp_path):
-    run_in_process(shards, tmp_path / "run", "--max_steps=2")
+def test_a_different_run_in_the_same_out_dir_is_refused(byte_shards, tmp_path):
+    run_in_process(byte_shards, tmp_path / "run", "--max_steps=2")
     with pytest.raises(ConfigError, match=r"different config \(pos_encoding: 'rope' -> 'alibi'\)"):
-        run_in_process(shards, tmp_path / "run", "--max_steps=4", "--pos_encoding=alibi")
+        run_in_process(byte_shards, tmp_path / "run", "--max_steps=4", "--pos_encoding=alibi")
 
 
 PAPER_PES = ["rope", "alibi", "fox", "grape_m", "grape_m_ctx", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
@@ -314,14 +318,14 @@ def test_micro_batch_adapts_to_the_world_size():
         train.micro_batch_for(cfg, 64)
 
 
-def test_reference_quirks_reproduce_the_summed_gradient_and_the_extra_update(shards, tmp_path):
+def test_reference_quirks_reproduce_the_summed_gradient_and_the_extra_update(byte_shards, tmp_path):
     """reference_loop_quirks: the gradient is global / (8 x micro) = 3 times the mean gradient (the reference's
     un-divided 3-step accumulation on 8 GPUs), also on one process here; the first update has lr 0; max_steps + 1
     updates run. Same data and init, so the first pre-clip gradient norms differ exactly by that factor."""
     common = ["--global_batch_size=48", "--micro_batch_size=2", "--max_steps=2", "--lr_decay_steps=2",
               "--eval_interval=0", "--checkpoint_interval=10"]
-    run_in_process(shards, tmp_path / "plain", *common)
-    run_in_process(shards, tmp_path / "quirks", *common, "--reference_loop_quirks=true")
+    run_in_process(byte_shards, tmp_path / "plain", *common)
+    run_in_process(byte_shards, tmp_path / "quirks", *common, "--reference_loop_quirks=true")
     plain, quirks = metrics(tmp_path / "plain"), metrics(tmp_path / "quirks")
     assert [r["step"] for r in plain] == [1, 2] and [r["step"] for r in quirks] == [1, 2, 3]
     assert quirks[0]["lr"] == 0.0 and plain[0]["lr"] > 0.0
@@ -329,15 +333,15 @@ def test_reference_quirks_reproduce_the_summed_gradient_and_the_extra_update(sha
     assert quirks[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)
 
 
-def test_resume_after_a_crash_keeps_each_step_once_in_the_metrics(shards, tmp_path):
+def test_resume_after_a_crash_keeps_each_step_once_in_the_metrics(byte_shards, tmp_path):
     """Steps logged after the last checkpoint of a crashed run are re-run on resume; their first records move to
     metrics_discarded.jsonl, so metrics.jsonl has every step once and in order."""
     import shutil
 
     out = tmp_path / "run"
-    run_in_process(shards, out, "--max_steps=5", "--checkpoint_interval=3")
+    run_in_process(byte_shards, out, "--max_steps=5", "--checkpoint_interval=3")
     shutil.rmtree(ckpt.latest_checkpoint(out))  # as if the run had died after step 5, before its final checkpoint
-    run_in_process(shards, out, "--max_steps=5", "--checkpoint_interval=3")
+    run_in_process(byte_shards, out, "--max_steps=5", "--checkpoint_interval=3")
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
     discarded = [json.loads(line) for line in (out / "metrics_discarded.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in discarded if r.get("event") == "train"}) == [4, 5]
