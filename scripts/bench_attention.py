@@ -15,9 +15,9 @@ run. Three measurements, all written to the --json file so that later changes ca
 3. --long: every additive PE trains the configs/tiny model for a few steps at T = 8192 (one process each): peak RSS,
    step time, losses.
 
-    python scripts/bench_attention.py --json /tmp/bench.json        # T 1k/2k/4k/8k (dense to 2k), 2 rounds, ~15 min
-    python scripts/bench_attention.py --full --threads 1 --json results/bench_attention.json        # ~35 min
-    python scripts/bench_attention.py --long --threads 1 --json results/bench_attention_long.json   # ~13 min
+    python -m scripts.bench_attention --json /tmp/bench.json        # T 1k/2k/4k/8k (dense to 2k), 2 rounds, ~15 min
+    python -m scripts.bench_attention --full --threads 1 --json results/bench_attention.json        # ~35 min
+    python -m scripts.bench_attention --long --threads 1 --json results/bench_attention_long.json   # ~13 min
 --threads 1 gives stable ratios on a shared machine: with two OpenMP threads, each op of a many-op path (the chunked
 one) can stall for a scheduler tick while another process holds the second core. results/bench_attention.md holds
 the tables.
@@ -36,7 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
+    sys.exit("run it from the repository root as a module: python -m scripts.bench_attention ...")
 
 PES = ["rope", "nope", "alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
 ADDITIVE = ["alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap"]
@@ -169,7 +170,7 @@ def run_worker(kind, spec, threads):
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     # stderr passes through (the workers' progress lines); stdout carries the result
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(spec)], stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--worker", kind, json.dumps(spec)], stdout=subprocess.PIPE,
                           text=True, env=env, cwd=ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
@@ -280,7 +281,7 @@ def main():
     models = [(m.split(":")[0], int(m.split(":")[1])) for m in models.split(",")]
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                 python=platform.python_version(), cpus=os.cpu_count(), threads=args.threads or torch.get_num_threads(),
-                command="python scripts/bench_attention.py " + " ".join(sys.argv[1:]),
+                command="python -m scripts.bench_attention " + " ".join(sys.argv[1:]),
                 layer=dict(batch=args.batch, n_embd=args.n_embd, n_head=args.n_head, head_dim=args.head_dim,
                            chunk=chunk, rounds=args.rounds),
                 model=dict(shapes=MODEL_SHAPES, tokens_per_step=args.model_tokens, rounds=args.rounds, chunk=chunk))

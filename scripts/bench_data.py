@@ -1,6 +1,6 @@
 """Throughput of the data pipeline on this machine: tokenization (prep) and the training loader.
 
-    python scripts/bench_data.py [--json OUT] [--batches N]
+    python -m scripts.bench_data [--json OUT] [--batches N]
 
 Measures, on the embedded sample (data/sample/, ~13 MB of UTF-8 text, ~3.0M GPT-2 tokens):
   * prep: `data.fineweb_edu.prepare` end to end (read gzip text, tokenize in worker processes, write shards and
@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
+    sys.exit("run it from the repository root as a module: python -m scripts.bench_data ...")
 
 from data import shards  # noqa: E402
 from data.fineweb_edu import SAMPLE_DIR, SAMPLE_SHARD_SIZE, prepare  # noqa: E402

@@ -2,9 +2,9 @@
 Inference cost per positional encoding vs sequence length: prefill latency, per-token decode latency through the KV
 cache, and KV-cache memory.
 
-    python scripts/bench_inference.py                                   # tiny model on CPU, all PEs, 256..2048
-    python scripts/bench_inference.py --size medium --lengths 1024,4096,16384 --device cuda --json bench.json
-    python scripts/bench_inference.py --pes rope,alibi,fox,grape_ap --kv-shift
+    python -m scripts.bench_inference                                   # tiny model on CPU, all PEs, 256..2048
+    python -m scripts.bench_inference --size medium --lengths 1024,4096,16384 --device cuda --json bench.json
+    python -m scripts.bench_inference --pes rope,alibi,fox,grape_ap --kv-shift
 
 What is measured, for each PE and each length T (randomly initialised weights: the cost does not depend on them):
     prefill   one forward of a batch of T-token prompts into an empty KV cache (best of --repeats, after a warm-up)
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
+    sys.exit("run it from the repository root as a module: python -m scripts.bench_inference ...")
 
 from model import ADDITIVE_PES, GPT, ROTARY_PES, GPTConfig  # noqa: E402
 

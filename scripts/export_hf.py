@@ -1,7 +1,7 @@
 """
 Export a RoPE or NoPE checkpoint to a Hugging Face `transformers` model directory (config, weights, GPT-2 tokenizer).
 
-    python scripts/export_hf.py --checkpoint out/medium_rope --out hf/medium_rope [--dtype bfloat16] [--no-verify]
+    python -m scripts.export_hf --checkpoint out/medium_rope --out hf/medium_rope [--dtype bfloat16] [--no-verify]
     # then: AutoModelForCausalLM.from_pretrained("hf/medium_rope"), or lm-eval's own `hf` model:
     lm_eval --model hf --model_args pretrained=hf/medium_rope --tasks ...
 
@@ -45,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
+    sys.exit("run it from the repository root as a module: python -m scripts.export_hf ...")
 
 from data.tokenizer import EOT, GPT2_FILES, local_bpe_dir, verify_bpe_file  # noqa: E402
 from eval.load import CheckpointError, load_model  # noqa: E402

@@ -11,6 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SPEC=configs/sweeps/quickstart.toml
 
-python data/fineweb_edu.py --sample --tokenizer bytes --no-progress
-python scripts/sweep.py "$SPEC" --local "$@"
-python scripts/report.py --sweep "$SPEC" --out out/quickstart/report
+python -m data.fineweb_edu --sample --tokenizer bytes --no-progress
+python -m scripts.sweep "$SPEC" --local "$@"
+python -m scripts.report --sweep "$SPEC" --out out/quickstart/report

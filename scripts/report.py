@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
+    sys.exit("run it from the repository root as a module: python -m scripts.report ...")
 
 from eval.extrapolation import unique_stem  # noqa: E402
 from sweeps import plots, tables  # noqa: E402

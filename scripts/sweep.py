@@ -23,7 +23,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
+    sys.exit("run it from the repository root as a module: python -m scripts.sweep ...")
 
 from sweeps import local, slurm, state  # noqa: E402
 from sweeps.spec import SpecError, display_path, load_spec  # noqa: E402

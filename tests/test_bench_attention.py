@@ -4,14 +4,16 @@ the same run. Timings are not asserted (the machine is shared); the structure an
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+from helpers import REPO
 
 
+@pytest.mark.slow
 def test_bench_attention_writes_tables_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(REPO / "scripts" / "bench_attention.py"), "--seqlens", "64", "--dense-seqlens", "64",
+    cmd = [sys.executable, "-m", "scripts.bench_attention", "--seqlens", "64", "--dense-seqlens", "64",
            "--skip-model", "--n-embd", "32", "--n-head", "2", "--head-dim", "16", "--rounds", "1",
            "--pes", "rope,fox,grape_ap", "--threads", "1", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -2,20 +2,15 @@
 per-request log-likelihoods as lm-eval's own `hf` model on the exported transformers model (within 1e-4), for
 loglikelihood (with and without the EOT prefix) and loglikelihood_rolling, and both pick the same answers."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import eval  # noqa: F401
 from eval.lm import GrapeLM
 from eval.load import save_checkpoint
 from lm_eval.api.instance import Instance
 from model import GPT, GPTConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import export_hf  # noqa: E402
+from scripts import export_hf
 
 PAIRS = [
     ("Question: Which gas do plants take in during photosynthesis?\nAnswer:", " carbon dioxide"),

@@ -3,19 +3,14 @@ without QK-norm, SmolLM3 for NoPE), the tokenizer encodes like tiktoken's GPT-2,
 transformers architecture are refused with a reason."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import eval  # noqa: F401
 from data.tokenizer import gpt2_encoding
 from eval.load import save_checkpoint
 from model import GPT, GPTConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import export_hf  # noqa: E402
+from scripts import export_hf
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, head_dim=32, block_size=64, rope_base=500.0)
 

@@ -1,15 +1,11 @@
 """scripts/bench_inference.py: KV-cache accounting is exact and the command writes its table and JSON."""
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
 from model import GPT, GPTConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import bench_inference  # noqa: E402
+from scripts import bench_inference
 
 SHAPE = dict(n_layer=2, n_head=2, n_embd=32, head_dim=16, block_size=32)
 
