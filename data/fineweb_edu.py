@@ -20,16 +20,13 @@ Consequently, for the same token stream the shards are byte-identical to those o
 Parallelism: documents travel in batches of BATCH_DOCS to a pool of tokenizer processes (spawned, each building the
 encoding once); results are consumed strictly in submission order with a bounded number of batches in flight, so
 memory stays flat whatever the dataset size. Finished shards are written by a background thread while tokenization
-continues.
+continues (data/shard_writer.py).
 
-Manifest and resume (DIR/manifest.json, rewritten atomically after every shard):
-  * identity: output format, source identity (dataset/config/split/revision, or input files by name+size+sha256),
-    tokenizer identity (name + BPE file hashes), prefix and shard size. A directory whose manifest has a different
+Manifest and resume (DIR/manifest.json, format in data/manifest.py, rewritten atomically after every shard):
+  * identity: output format, source, tokenizer, prefix and shard size. A directory whose manifest has a different
     identity, or that holds files but no manifest, is refused: nothing is ever silently overwritten.
-  * one record per durable shard: file, split, tokens, sha256, the stream position after it (end_tokens, end_docs)
-    and a restart point: the source state at the start of the document batch in which the shard ended, with the
-    stream position of that batch start.
-  * complete: true once the source is exhausted; totals (documents, tokens, shards).
+  * one record per durable shard, with the stream position after it and a restart point: the source state at the
+    start of the document batch in which the shard ended.
   A re-run restarts the source at the last record's restart point, re-tokenizes at most one batch and drops the
   tokens already written, so the output is byte-identical (shards and manifest) to an uninterrupted run. Records
   whose file is missing or has the wrong size are dropped first (so deleting the last shards regenerates them),
@@ -40,8 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
-import fcntl
+import contextlib
 import json
 import multiprocessing
 import os
@@ -49,12 +45,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 if __package__ in (None, ""):  # run as a script: make the repository root importable, then use absolute imports
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import shards, tokenizer  # noqa: E402
+from data.manifest import MANIFEST, PrepError, load_for_resume, lock_dir, write_manifest  # noqa: E402
+from data.shard_writer import ShardWriter  # noqa: E402
 from data.sources import FINEWEB_EDU, FINEWEB_EDU_VERSIONS, FileSource, HFSource  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,76 +58,8 @@ SAMPLE_DIR = REPO / "data" / "sample"
 SAMPLE_SHARD_SIZE = 131072   # sample is ~3.0M tokens: a 131k-token validation shard 0 and ~22 train shards
 DEFAULT_SHARD_SIZE = 10**8   # llm.c / GRAPE
 BATCH_DOCS = 256             # documents per tokenizer job; also the restart granularity (part of the manifest)
-MANIFEST = "manifest.json"
 FORMAT = {"name": "llm.c token shard", "magic": shards.MAGIC, "version": shards.VERSION,
           "header_bytes": shards.HEADER_BYTES, "token_dtype": "uint16-le"}
-
-
-class PrepError(RuntimeError):
-    """The output directory cannot be used (different identity, foreign files, locked by another run)."""
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    shards.atomic_write_bytes(path, [text.encode()])
-
-
-def _lock(out_dir: Path):
-    f = open(out_dir / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise PrepError(f"{out_dir}: another preparation run holds {out_dir / '.lock'}") from None
-    return f
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: existing {json.dumps(va)[:200]} != requested {json.dumps(vb)[:200]}")
-    return out
-
-
-def _load_existing(out_dir: Path, identity: dict, prefix: str) -> dict:
-    """The manifest to continue from (validated, truncated to durable shards), or a fresh one."""
-    path = out_dir / MANIFEST
-    fresh = {"identity": identity, "shards": [], "complete": False, "totals": None}
-    if not path.exists():
-        foreign = [p.name for p in out_dir.iterdir() if p.name != ".lock"]
-        if foreign:
-            raise PrepError(f"{out_dir}: not empty and has no {MANIFEST} (found {sorted(foreign)[:5]}); "
-                            "choose an empty or new directory")
-        return fresh
-    try:
-        manifest = json.loads(path.read_text())
-        existing = manifest["identity"]
-    except (ValueError, KeyError) as e:
-        raise PrepError(f"{path}: unreadable manifest ({e}); move the directory away or delete it") from e
-    diffs = _diff(existing, identity)
-    if diffs:
-        raise PrepError(f"{out_dir} holds shards of a different preparation; refusing to overwrite:\n  "
-                        + "\n  ".join(diffs))
-    kept = []
-    for rec in manifest["shards"]:
-        p = out_dir / rec["file"]
-        if not p.is_file() or p.stat().st_size != shards.HEADER_BYTES + 2 * rec["tokens"]:
-            break  # resume from the last shard before the first missing/damaged one
-        kept.append(rec)
-    if len(kept) < len(manifest["shards"]):
-        manifest["complete"], manifest["totals"] = False, None
-    manifest["shards"] = kept
-    keep = {rec["file"] for rec in kept}
-    for p in out_dir.iterdir():
-        parsed = shards.parse_shard_name(p.name)
-        stray_shard = parsed is not None and parsed[0] == prefix and p.name not in keep
-        if stray_shard or (p.name.startswith(".") and ".tmp-" in p.name):
-            p.unlink()
-    return manifest
 
 
 def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str = "fineweb", workers: int | None = None,
@@ -150,19 +78,27 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
         raise ValueError(f"shard_size must be in [1, {shards.MAX_SHARD_TOKENS}], got {shard_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out_dir)
+    lock = lock_dir(out_dir)
     try:
         identity = {"format": FORMAT, "source": source.identity(),
                     "tokenizer": tokenizer.tokenizer_identity(tokenizer_name),
                     "prefix": prefix, "shard_size": shard_size, "batch_docs": batch_docs}
-        manifest = _load_existing(out_dir, identity, prefix)
+        manifest = load_for_resume(out_dir, identity, prefix)
         if manifest["complete"]:
             _log(f"{out_dir}: already complete ({len(manifest['shards'])} shards, "
                  f"{manifest['totals']['tokens']:,} tokens)")
             return manifest
-        _write_manifest(out_dir / MANIFEST, manifest)
-        return _run(source, out_dir, manifest, shard_size, prefix, workers, max_shards, progress, batch_docs,
-                    tokenizer_name)
+        write_manifest(out_dir / MANIFEST, manifest)  # the truncation to durable shards, before any new shard
+        records = manifest["shards"]
+        if records:
+            _log(f"resuming after {records[-1]['file']} ({records[-1]['end_tokens']:,} tokens, "
+                 f"{len(records)} shards done)")
+        if max_shards is not None and len(records) >= max_shards:
+            _log(f"{len(records)} shards exist, max_shards={max_shards}: nothing to do")
+            return manifest
+        writer = ShardWriter(out_dir, manifest, shard_size, prefix, max_shards)
+        _run(source, writer, workers, batch_docs, tokenizer_name, progress)
+        return manifest
     finally:
         lock.close()
 
@@ -171,14 +107,21 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _tokenized_batches(source, state, batch_docs, workers, stack, name):
-    """Yield (start_state, tokens, doc_lengths, text_bytes) per batch, in order, with bounded work in flight."""
+    """Yield (start_state, tokens, doc_lengths, text_bytes) per batch, in order, with bounded work in flight.
+
+    workers: tokenizer processes (None = all usable CPUs, 0 = this process); `stack` terminates the pool on exit."""
     batches = source.batches(state, batch_docs)
     if workers == 0:
         tokenizer.init_worker(name)
         for st, texts in batches:
             yield (st, *tokenizer.encode_batch(texts, name))
         return
+    workers = _usable_cpus() if workers is None else workers
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=tokenizer.init_worker, initargs=(name,))
     stack.callback(pool.terminate)
     pending = collections.deque()
@@ -194,103 +137,58 @@ def _tokenized_batches(source, state, batch_docs, workers, stack, name):
     pool.join()
 
 
-def _run(source, out_dir, manifest, shard_size, prefix, workers, max_shards, progress, batch_docs,
-         tokenizer_name="gpt2") -> dict:
-    import contextlib
+class _Progress:
+    """The progress bar (tokens in shards, documents, shards, ETA) and this run's throughput; closes the bar on exit."""
 
-    from tqdm import tqdm
+    def __init__(self, source, tokens: int, enabled: bool):
+        from tqdm import tqdm  # imported here: spawned tokenizer processes re-import this module and never need it
 
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    records = manifest["shards"]
-    if records:
-        last = records[-1]
-        state, stream_tokens, stream_docs = last["resume"]["state"], last["resume"]["tokens"], last["resume"]["docs"]
-        skip = last["end_tokens"] - stream_tokens
-        _log(f"resuming after {last['file']} ({last['end_tokens']:,} tokens, {len(records)} shards done)")
-    else:
-        state, stream_tokens, stream_docs, skip = None, 0, 0, 0
-    written_tokens = stream_tokens + skip
-    if max_shards is not None and len(records) >= max_shards:
-        _log(f"{len(records)} shards exist, max_shards={max_shards}: nothing to do")
-        return manifest
+        self._est_bytes = source.estimated_text_bytes()
+        self._nominal = getattr(source, "nominal_tokens", None)
+        self._bar = tqdm(total=int(self._nominal) if self._nominal else None, initial=tokens, unit="tok",
+                         unit_scale=True, disable=not enabled, mininterval=0.5 if sys.stderr.isatty() else 30,
+                         smoothing=0.05, dynamic_ncols=True, desc="tokenizing")
+        self._t0, self._bytes, self._tokens = time.time(), 0, 0
 
-    buffers = [np.empty(shard_size, dtype=np.uint16), np.empty(shard_size, dtype=np.uint16)]
-    buf, fill, shard_index = buffers[0], 0, len(records)
-    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    write_future = None
+    def update(self, writer: ShardWriter, docs: int, tokens: int, text_bytes: int) -> None:
+        self._bytes, self._tokens = self._bytes + text_bytes, self._tokens + tokens
+        if self._est_bytes and not self._nominal:  # local files: scale the size estimate by the observed tokens/byte
+            self._bar.total = max(writer.tokens, int(self._est_bytes * self._tokens / max(self._bytes, 1)))
+        self._bar.update(writer.tokens - self._bar.n)
+        self._bar.set_postfix(docs=f"{docs:,}", shards=writer.num_shards, refresh=False)
 
-    def write(buffer, n, rec):  # runs on the writer thread, one shard at a time, in order
-        rec["sha256"] = shards.write_shard(out_dir / rec["file"], buffer[:n])
-        records.append(rec)
-        _write_manifest(out_dir / MANIFEST, manifest)
+    def rates(self) -> str:
+        dt = max(time.time() - self._t0, 1e-9)
+        return f"{dt:.1f} s this run, {self._tokens / dt:,.0f} tok/s, {self._bytes / dt / 1e6:.2f} MB/s"
 
-    def flush(n, resume, end_docs):
-        nonlocal write_future, buf, shard_index
-        name = shards.shard_name(prefix, shard_index)
-        rec = {"index": shard_index, "file": name, "split": "val" if shard_index == 0 else "train", "tokens": n,
-               "sha256": None, "end_tokens": written_tokens, "end_docs": end_docs, "resume": resume}
-        if write_future is not None:
-            write_future.result()  # the other buffer is free again; also surfaces write errors
-        write_future = writer.submit(write, buf, n, rec)
-        buf = buffers[1] if buf is buffers[0] else buffers[0]
-        shard_index += 1
+    def __enter__(self) -> _Progress:
+        return self
 
-    est_bytes = source.estimated_text_bytes()
-    nominal = getattr(source, "nominal_tokens", None)
-    bar = tqdm(total=int(nominal) if nominal else None, initial=written_tokens, unit="tok", unit_scale=True,
-               disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 30, smoothing=0.05,
-               dynamic_ncols=True, desc="tokenizing")
-    t0, seen_bytes, seen_tokens, exhausted, resume = time.time(), 0, 0, False, None
-    try:
-        with contextlib.ExitStack() as stack:
-            for st, toks, lens, nbytes in _tokenized_batches(source, state, batch_docs, workers, stack,
-                                                             tokenizer_name):
-                resume = {"docs": stream_docs, "tokens": stream_tokens, "state": st}
-                doc_starts = stream_tokens + np.cumsum(lens) - lens  # stream positions of this batch's EOTs
-                stream_tokens += len(toks)
-                stream_docs += len(lens)
-                pos = min(skip, len(toks))  # tokens already in durable shards (only right after a restart)
-                skip -= pos
-                while pos < len(toks):
-                    n = min(len(toks) - pos, shard_size - fill)
-                    buf[fill:fill + n] = toks[pos:pos + n]
-                    fill, pos, written_tokens = fill + n, pos + n, written_tokens + n
-                    if fill == shard_size:
-                        end_docs = resume["docs"] + int(np.searchsorted(doc_starts, written_tokens, side="left"))
-                        flush(fill, resume, end_docs)
-                        fill = 0
-                        if max_shards is not None and shard_index >= max_shards:
-                            break
-                seen_bytes, seen_tokens = seen_bytes + nbytes, seen_tokens + len(toks)
-                if est_bytes and not nominal:  # local files: scale the size estimate by the observed tokens/byte
-                    bar.total = max(written_tokens, int(est_bytes * seen_tokens / max(seen_bytes, 1)))
-                bar.update(written_tokens - bar.n)
-                bar.set_postfix(docs=f"{stream_docs:,}", shards=shard_index, refresh=False)
-                if max_shards is not None and shard_index >= max_shards:
-                    break
-            else:
-                exhausted = True
-        if exhausted and fill:  # the true-length last shard; restart point = the last batch, as for any shard
-            flush(fill, resume, stream_docs)
-        if write_future is not None:
-            write_future.result()
-    finally:
-        writer.shutdown(wait=True)
-        bar.close()
-    if exhausted:
-        manifest["complete"] = True
-        manifest["totals"] = {"documents": stream_docs, "tokens": written_tokens, "shards": len(records),
-                              "val_tokens": records[0]["tokens"] if records else 0,
-                              "train_tokens": written_tokens - (records[0]["tokens"] if records else 0)}
-        _write_manifest(out_dir / MANIFEST, manifest)
-    dt = time.time() - t0
-    _log(f"{'done' if exhausted else 'stopped'}: {len(records)} shards, {written_tokens:,} tokens in {out_dir} "
-         f"({dt:.1f} s this run, {seen_tokens / max(dt, 1e-9):,.0f} tok/s, {seen_bytes / max(dt, 1e-9) / 1e6:.2f} MB/s)")
-    if exhausted and len(records) < 2:
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+
+def _run(source, writer: ShardWriter, workers, batch_docs, tokenizer_name, progress) -> None:
+    """Tokenize `source` from the writer's restart point on and hand each batch to `writer`, until the source is
+    exhausted (the writer then completes the manifest) or the writer holds max_shards shards."""
+    restart = writer.restart_point()
+    docs, tokens = restart["docs"], restart["tokens"]  # stream position of the next batch
+    with writer, _Progress(source, writer.tokens, progress) as meter, contextlib.ExitStack() as stack:
+        for state, toks, lens, nbytes in _tokenized_batches(source, restart["state"], batch_docs, workers, stack,
+                                                            tokenizer_name):
+            writer.add(toks, lens, {"docs": docs, "tokens": tokens, "state": state})
+            docs, tokens = docs + len(lens), tokens + len(toks)
+            meter.update(writer, docs, len(toks), nbytes)
+            if writer.full:
+                break
+        else:
+            writer.finish(documents=docs)
+    done = writer.manifest["complete"]
+    _log(f"{'done' if done else 'stopped'}: {len(writer.records)} shards, {writer.tokens:,} tokens in "
+         f"{writer.out_dir} ({meter.rates()})")
+    if done and len(writer.records) < 2:
         _log("warning: the whole stream fits in the validation shard 0; there are no train shards "
              "(use a smaller --shard-size)")
-    return manifest
 
 
 def _count(s: str) -> int:

@@ -20,8 +20,9 @@ The value range (every token < the model's vocabulary size) is not a header prop
 
 File names follow llm.c: `{prefix}_val_000000.bin` for shard 0 (validation), `{prefix}_train_{i:06d}.bin` for i >= 1.
 
-Writes are atomic: the shard goes to a hidden temporary file in the same directory, is fsync'ed, then renamed over the
-final name (and the directory fsync'ed), so a crash never leaves a half-written file under a shard name.
+Writes are atomic (durable.py): the shard goes to a hidden temporary file in the same directory, is fsync'ed, then
+renamed over the final name (and the directory fsync'ed), so a crash never leaves a half-written file under a shard
+name.
 
 `python -m data.shards DIR_OR_GLOB [--vocab-size V] [--checksums]` validates a directory of shards (headers, sizes,
 optionally the value range and the sha256 sums recorded in DIR/manifest.json) and prints a summary.
@@ -36,6 +37,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from durable import atomic_write_bytes
 
 MAGIC = 20240520
 VERSION = 1
@@ -70,37 +73,6 @@ def encode_header(num_tokens: int) -> bytes:
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = MAGIC, VERSION, num_tokens
     return header.tobytes()
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every filesystem supports opening a directory (ignore those).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
-    """Write the byte chunks to `path` via temp file + fsync + rename (readers see the old file or the new one)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> str:

@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data import fineweb_edu, shards, tokenizer  # noqa: E402
+from data import fineweb_edu, shard_writer, shards, tokenizer  # noqa: E402
 from data.fineweb_edu import PrepError, prepare  # noqa: E402
 from data.loader import IGNORE_INDEX, LoaderStateError, TokenLoader, ValidationSet  # noqa: E402
 from data.permutation import Permutation  # noqa: E402
@@ -291,18 +291,18 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, monkeypatch):
 
     # 2) crash after a shard was renamed into place but before the manifest recorded it
     calls = {"n": 0}
-    real = fineweb_edu._write_manifest
+    real = shard_writer.write_manifest
 
-    def crashing(path, manifest):
+    def crashing(path, manifest):  # the writer's manifest writes: one per shard record, then the completion
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 4:
             raise KeyboardInterrupt("simulated crash")
         real(path, manifest)
 
-    monkeypatch.setattr(fineweb_edu, "_write_manifest", crashing)
+    monkeypatch.setattr(shard_writer, "write_manifest", crashing)
     with pytest.raises(KeyboardInterrupt):
         _prep(src, tmp_path / "b")
-    monkeypatch.setattr(fineweb_edu, "_write_manifest", real)
+    monkeypatch.setattr(shard_writer, "write_manifest", real)
     assert len(shard_files(tmp_path / "b")) > len(json.loads((tmp_path / "b/manifest.json").read_text())["shards"])
     _prep(src, tmp_path / "b")
     assert dir_bytes(tmp_path / "b") == ref
