@@ -31,6 +31,13 @@ The interface a PE implements (so that new PEs slot in without touching the mode
     Additive.bias(q_feats, k_feats, q_pos, k_pos) -> (B|1, H, Tq, Tk) fp32 logit term, read where k_pos <= q_pos;
                                                 called on slices (a block of queries, the keys up to its last
                                                 position), so each PE's formula lives in its bias() only.
+    PositionalEncoding.check(cfg)               (the base of both; a classmethod) ValueError naming the GPTConfig
+                                                field whose value this PE cannot take; GPTConfig.__post_init__
+                                                calls it for the PEs that pos_encoding names.
+    PositionalEncoding.own_init, .global_init   the PE's parameters that its reset_parameters() sets, and those
+                                                GPT.init_weights draws from N(0, sigma_h^2): each parameter in
+                                                exactly one (init_weights refuses a model where one is not).
+A PE is registered once, by name, in PE_CLASSES; ROTARY_PES, ADDITIVE_PES and SCALABLE_ROTARY_PES derive from it.
 There is exactly one attention entry point (CausalSelfAttention.attend). By default (attn_impl="chunked") it feeds
 SDPA one block of attn_chunk_size queries at a time, with that block's bias, and recomputes the bias in the backward
 (chunked_attention.py): no T x T tensor is built, kept, or saved for the backward, and the results are those of the
@@ -62,11 +69,9 @@ import torch.nn.functional as F
 
 from chunked_attention import chunked_bias_attention, flex_pairwise_attention
 
-ROTARY_PES = ("rope", "grape_m", "grape_m_ctx", "grape_m_rank2", "grape_m_basis", "grape_m_mix", "pope", "rope_id")
+# The PE names (ROTARY_PES, ADDITIVE_PES, SCALABLE_ROTARY_PES) derive from the registry PE_CLASSES, after the PEs.
 # Evaluation-time rescalings of a RoPE spectrum (PI, NTK-aware, YaRN, and their dynamic forms; see rope_scaling()).
 ROPE_SCALINGS = ("none", "pi", "ntk", "yarn", "dynamic_ntk", "dynamic_yarn")
-SCALABLE_ROTARY_PES = ("rope", "grape_m", "grape_m_basis")  # the PEs whose rotation is a spectrum over pairs
-ADDITIVE_PES = ("alibi", "fox", "grape_a_q", "grape_a_k", "grape_a_qk", "grape_ap")
 GRAPE_AP_TIES = ("none", "q", "k", "v")
 ATTN_IMPLS = ("chunked", "dense", "flex")
 
@@ -126,19 +131,12 @@ class GPTConfig:
     attn_chunk_size: int = 128
 
     def __post_init__(self):
+        """Reject out-of-range values with the field named: the shared fields here, then the fields of the PEs that
+        pos_encoding names, by each PE class's check()."""
         rotary, additive = split_pos_encoding(self.pos_encoding)
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "head_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-        if rotary and self.head_dim % 2:
-            raise ValueError(f"GPTConfig.head_dim must be even for rotary pos_encoding "
-                             f"{self.pos_encoding!r}, got {self.head_dim}")
-        if rotary == "grape_m_mix" and not (0 < self.grape_mix_rank <= self.head_dim and self.grape_mix_rank % 2 == 0):
-            raise ValueError(f"GPTConfig.grape_mix_rank must be an even int in [2, head_dim={self.head_dim}], "
-                             f"got {self.grape_mix_rank}")
-        if rotary == "rope_id" and (self.head_dim % 4 or self.head_dim < 8):
-            raise ValueError(f"GPTConfig.head_dim must be a multiple of 4 and >= 8 for rope_id (a quarter of the "
-                             f"channels are rotation pairs), got {self.head_dim}")
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"GPTConfig.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling != "none" and rotary not in SCALABLE_ROTARY_PES:
@@ -153,10 +151,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.attn_chunk_size must be a positive int, got {self.attn_chunk_size!r}")
         if self.grape_ap_tie not in GRAPE_AP_TIES:
             raise ValueError(f"GPTConfig.grape_ap_tie must be one of {GRAPE_AP_TIES}, got {self.grape_ap_tie!r}")
-        if additive == "grape_ap" and self.grape_ap_tie == "none":
-            if self.grape_ap_p_head_dim <= 0 or self.grape_ap_p_head_dim % 2:
-                raise ValueError(f"GPTConfig.grape_ap_p_head_dim must be a positive even int, "
-                                 f"got {self.grape_ap_p_head_dim}")
+        for name in (rotary, additive):
+            if name is not None:
+                PE_CLASSES[name].check(self)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -295,6 +292,9 @@ def causal_mask(q_pos, k_pos):
 
 
 class RMSNorm(nn.Module):
+    own_init = ("weight",)  # the init contract of GPT.init_weights: the gain keeps its reset_parameters() value, 1
+    global_init = ()
+
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps = eps
@@ -332,14 +332,47 @@ class ShiftLinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# What every PE declares: its config checks and the init of each of its parameters.
+
+
+class PositionalEncoding(nn.Module):
+    """What every PE declares besides its formula (the base of Rotary and Additive):
+        check(cfg)          raise ValueError naming the GPTConfig field when cfg's values cannot build this PE;
+                            GPTConfig.__post_init__ calls it for the PEs pos_encoding names
+        own_init            names (relative to the PE) of the parameters its reset_parameters() sets
+        global_init         names of the parameters GPT.init_weights draws from the model's N(0, sigma_h^2)
+        reset_parameters()  sets every own_init parameter and every buffer; draws no other parameter
+    Every parameter of a PE is named in exactly one of own_init and global_init (GPT.init_weights refuses a model
+    where one is not); a name may be absent in some configurations (GRAPE-A's u without a key gate). The
+    constructor only allocates: build_pe() calls reset_parameters() once the PE exists, and GPT.init_weights again."""
+
+    own_init = ()
+    global_init = ()
+
+    @classmethod
+    def check(cls, cfg):
+        pass
+
+    def reset_parameters(self):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Rotary PEs: rotate q and k by angles phi; the base class does the rotation, subclasses give phi.
 
 
-class Rotary(nn.Module):
+class Rotary(PositionalEncoding):
     """A PE that acts on q and k before their dot product. Subclasses give angles phi (the base class rotates each
     half-split pair (m, m + D/2) by -phi) or override forward (maps that are not per-pair rotations)."""
 
     norm_first = False  # True: QK-norm precedes this PE whatever qk_norm_before_rotary says (PoPE reads magnitudes)
+    rope_scalable = False  # True: a RoPE spectrum (or one learned from it), which rope_scaling may rescale
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.head_dim % 2:
+            raise ValueError(f"GPTConfig.head_dim must be even for rotary pos_encoding "
+                             f"{cfg.pos_encoding!r}, got {cfg.head_dim}")
 
     def angles(self, x, positions, cache):
         """Rotation angles phi, broadcastable to (B, T, H, D/2), in fp32 (fp64 for an fp64 model)."""
@@ -380,8 +413,22 @@ class SpectralRotary(Rotary):
 class RoPE(SpectralRotary):
     """RoPE (Su et al., 2021): phi_{t,m} = t * base^(-2m/D). No parameters; q_i.k_j depends on i - j only."""
 
+    rope_scalable = True
+
     def frequencies(self, dtype, device):
         return rope_inv_freq(self.cfg.head_dim, self.cfg.rope_base, device, dtype)
+
+
+def add_log_freq(module, cfg):
+    """Give module its log-spectrum `log_freq`, uninitialised: shape (D/2,) shared by the layer's heads, or (H, D/2)
+    when grape_share_across_heads is false; a Parameter if grape_learnable_freq, else a buffer (saved all the same,
+    so a checkpoint has the same keys either way)."""
+    shape = (cfg.head_dim // 2,) if cfg.grape_share_across_heads else (cfg.n_head, cfg.head_dim // 2)
+    log_freq = torch.empty(shape)
+    if cfg.grape_learnable_freq:
+        module.log_freq = nn.Parameter(log_freq)
+    else:
+        module.register_buffer("log_freq", log_freq)
 
 
 class GrapeM(SpectralRotary):
@@ -391,18 +438,13 @@ class GrapeM(SpectralRotary):
     S = grape_log_freq_scale (16) shrinks Adam's effective step on log(theta) by S (the reference's
     "lr-scaling trick"). lambda has shape (D/2,) shared by all heads of the layer, or (H, D/2)."""
 
-    keep_init = ("log_freq",)
+    rope_scalable = True
+    own_init = ("log_freq",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.scale = cfg.grape_log_freq_scale
-        shape = (cfg.head_dim // 2,) if cfg.grape_share_across_heads else (cfg.n_head, cfg.head_dim // 2)
-        log_freq = torch.empty(shape)
-        if cfg.grape_learnable_freq:
-            self.log_freq = nn.Parameter(log_freq)
-        else:
-            self.register_buffer("log_freq", log_freq)
-        self.reset_parameters()
+        add_log_freq(self, cfg)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -428,18 +470,17 @@ class GrapeMBasis(GrapeM):
     GRAPE-M (== RoPE). G(n) is again a one-parameter subgroup: q~_i.k~_j = q_i^T G(j - i) k_j. Cost: two D x D
     products per token and head for q and for k on top of the rotation (O(D^2); the rotation itself is O(D))."""
 
-    keep_init = ("log_freq", "basis_skew")
+    own_init = ("log_freq", "basis_skew")
 
     def __init__(self, cfg):
         super().__init__(cfg)
         heads = 1 if cfg.grape_share_across_heads else cfg.n_head
-        self.basis_skew = nn.Parameter(torch.zeros(heads, cfg.head_dim, cfg.head_dim))
+        self.basis_skew = nn.Parameter(torch.empty(heads, cfg.head_dim, cfg.head_dim))
 
     @torch.no_grad()
     def reset_parameters(self):
         super().reset_parameters()
-        if hasattr(self, "basis_skew"):
-            nn.init.zeros_(self.basis_skew)
+        nn.init.zeros_(self.basis_skew)
 
     def basis(self):
         return orthogonal_from_skew(self.basis_skew)  # (1|H, D, D), columns = the basis vectors
@@ -465,19 +506,13 @@ class GrapeMCtx(Rotary):
     at init (the reference's comment says ~1e-3, which was true of an older softplus gate; the code is followed).
     Decoding keeps the running total Phi in the cache."""
 
-    keep_init = ("log_freq", "omega_proj.weight")
+    own_init = ("log_freq", "omega_proj.weight", "omega_proj.bias")
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        shape = (cfg.head_dim // 2,) if cfg.grape_share_across_heads else (cfg.n_head, cfg.head_dim // 2)
-        log_freq = torch.empty(shape)
-        if cfg.grape_learnable_freq:
-            self.log_freq = nn.Parameter(log_freq)
-        else:
-            self.register_buffer("log_freq", log_freq)
+        add_log_freq(self, cfg)
         self.omega_proj = nn.Linear(cfg.n_embd, cfg.n_head if cfg.grape_ctx_per_head else 1, bias=True)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -544,7 +579,7 @@ class GrapeMRank2(Rotary):
     Learned: a_h, b_h (H, D) and log omega_h (H,). Init: a_h = e_m, b_h = e_{m+D/2} with m = h mod D/2 (so s = 1 and
     head h rotates the half-split plane m), omega_h = base^(-h/H) (log-uniform over heads)."""
 
-    keep_init = ("a", "b")
+    own_init = ("a", "b", "log_omega")
 
     def __init__(self, cfg):
         super().__init__()
@@ -552,7 +587,6 @@ class GrapeMRank2(Rotary):
         H, D = cfg.n_head, cfg.head_dim
         self.a, self.b = nn.Parameter(torch.empty(H, D)), nn.Parameter(torch.empty(H, D))
         self.log_omega = nn.Parameter(torch.empty(H))
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -577,7 +611,14 @@ class GrapeMMix(Rotary):
     D channels, the other D - r position-free; with r = D exactly RoPE. r = grape_mix_rank; E and L_r per layer, or
     per head when grape_share_across_heads=false. G is a one-parameter subgroup: q~_i.k~_j = q_i^T G(j - i) k_j."""
 
-    keep_init = ("basis_skew", "generator")
+    own_init = ("basis_skew", "generator")
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        if not (0 < cfg.grape_mix_rank <= cfg.head_dim and cfg.grape_mix_rank % 2 == 0):
+            raise ValueError(f"GPTConfig.grape_mix_rank must be an even int in [2, head_dim={cfg.head_dim}], "
+                             f"got {cfg.grape_mix_rank}")
 
     def __init__(self, cfg):
         super().__init__()
@@ -585,9 +626,7 @@ class GrapeMMix(Rotary):
         heads = 1 if cfg.grape_share_across_heads else cfg.n_head
         self.basis_skew = nn.Parameter(torch.empty(heads, D, D))
         self.generator = nn.Parameter(torch.empty(heads, r, r))
-        self.register_buffer("columns", torch.cat((torch.arange(r // 2), D // 2 + torch.arange(r // 2))),
-                             persistent=False)
-        self.reset_parameters()
+        self.register_buffer("columns", torch.empty(r, dtype=torch.long), persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -629,12 +668,12 @@ class PoPE(Rotary):
     holds k^ (2D per token: twice RoPE's K cache). QK-norm comes first (norm_first), then softplus."""
 
     norm_first = True
-    keep_init = ("phase_bias",)
+    own_init = ("phase_bias",)
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.phase_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim))
+        self.phase_bias = nn.Parameter(torch.empty(cfg.n_head, cfg.head_dim))
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -661,6 +700,13 @@ class RoPEID(SpectralRotary):
     rope_id_temperature the logits of query t are scaled by (1 + 0.1 ln(max(t, L) / L))^2 (YaRN's temperature at
     the query's own length; 1 inside the training window). No parameters."""
 
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        if cfg.head_dim % 4 or cfg.head_dim < 8:
+            raise ValueError(f"GPTConfig.head_dim must be a multiple of 4 and >= 8 for rope_id (a quarter of the "
+                             f"channels are rotation pairs), got {cfg.head_dim}")
+
     def frequencies(self, dtype, device):
         D, L = self.cfg.head_dim, self.cfg.train_length or self.cfg.block_size
         fast = torch.linspace(math.log(2 * math.pi / 32), math.log(4 * math.pi / L), D // 4, dtype=torch.float64)
@@ -677,7 +723,9 @@ class RoPEID(SpectralRotary):
 # Additive PEs: a logit term b_h(i, j), built from per-token features.
 
 
-class Additive(nn.Module):
+class Additive(PositionalEncoding):
+    """A PE that adds a logit term b_h(i, j), built from per-token features (see bias())."""
+
     def features(self, x, q, k, v, positions, cache):
         """Per-token quantities for the new tokens, laid out (B, H, T, ...): (q_feats, k_feats).
         q, k: QK-normed, un-rotated (B, T, H, D); v: (B, T, H, D); cache: this layer's cache or None."""
@@ -716,7 +764,6 @@ class ALiBi(PairwiseAdditive):
     def __init__(self, cfg):
         super().__init__()
         self.register_buffer("slopes", torch.empty(cfg.n_head), persistent=False)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -739,10 +786,12 @@ class FoX(PairwiseAdditive):
     the whole sequence as in the dense path (one slice, r = 0); far from the diagonal it is relative to |b|.
     (r precedes every query of the slice, so no query's bias depends on a later token, not even in rounding.)"""
 
+    own_init = ("fgate.bias",)
+    global_init = ("fgate.weight",)
+
     def __init__(self, cfg):
         super().__init__()
         self.fgate = nn.Linear(cfg.n_embd, cfg.n_head, bias=True)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -772,22 +821,27 @@ class GrapeA(PairwiseAdditive):
         g_q(i) = softplus(q^_i . v^_h / sqrt(D)), g_k(j) = softplus(k^_j . u^_h / sqrt(D)),
     q^, k^ the QK-normed q, k; u^ = u / max(|u|, eps) (likewise v); s_h the ALiBi slopes (a fixed per-head multiplier
     the reference adds to the paper's omega). Init: softplus(omega) = 1, u, v ~ N(0, 1/D), so b ~ 0.69 x ALiBi
-    (1.39 x for "qk") at init. Decoding caches g_k(j)."""
+    (1.39 x for "qk") at init. Decoding caches g_k(j).
+    Names follow the reference's (they are its state-dict keys): the parameter v (H, D) is the query gate's
+    direction and u the key gate's; neither is related to the values v that features() is handed (and ignores).
+    The gate is chosen by the subclass registered for each pos_encoding name (GrapeAQueryGated, ...)."""
 
-    keep_init = ("u", "v")
+    gate = None  # "q", "k" or "qk"
+    own_init = ("omega", "u", "v")
 
-    def __init__(self, cfg, gate):
+    def __init__(self, cfg):
         super().__init__()
-        assert gate in ("q", "k", "qk")
-        self.cfg, self.gate = cfg, gate
+        if self.gate not in ("q", "k", "qk"):
+            raise TypeError(f"{type(self).__name__}: GRAPE-A is built through a gated subclass (gate 'q', 'k' or "
+                            f"'qk'), got gate {self.gate!r}")
+        self.cfg = cfg
         H, D = cfg.n_head, cfg.head_dim
         self.omega = nn.Parameter(torch.empty(H))
-        if "q" in gate:
+        if "q" in self.gate:
             self.v = nn.Parameter(torch.empty(H, D))
-        if "k" in gate:
+        if "k" in self.gate:
             self.u = nn.Parameter(torch.empty(H, D))
         self.register_buffer("slopes", torch.empty(H), persistent=False)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -806,8 +860,8 @@ class GrapeA(PairwiseAdditive):
         return F.softplus(dot / math.sqrt(self.cfg.head_dim))  # (B, H, T)
 
     def features(self, x, q, k, v, positions, cache):
-        q_feats = {"g": self._gate(q, self.v)} if "q" in self.gate else {}
-        k_feats = {"g": self._gate(k, self.u)} if "k" in self.gate else {}
+        q_feats = {"g": self._gate(q, direction=self.v)} if "q" in self.gate else {}
+        k_feats = {"g": self._gate(k, direction=self.u)} if "k" in self.gate else {}
         return q_feats, k_feats
 
     def pair(self, q, k, dist, head):
@@ -819,6 +873,24 @@ class GrapeA(PairwiseAdditive):
         if "k" in self.gate:
             rate = rate + kappa * k["g"]
         return rate * dist
+
+
+class GrapeAQueryGated(GrapeA):
+    """GRAPE-A with r = g_q(i) (reference llama-mha-grape-a-querygated)."""
+
+    gate = "q"
+
+
+class GrapeAKeyGated(GrapeA):
+    """GRAPE-A with r = g_k(j) (reference llama-mha-grape-a-keygated)."""
+
+    gate = "k"
+
+
+class GrapeAQueryKeyGated(GrapeA):
+    """GRAPE-A with r = g_q(i) + g_k(j) (reference llama-mha-grape-a-querykeygated)."""
+
+    gate = "qk"
 
 
 class _ReversedPathSum(torch.autograd.Function):
@@ -855,8 +927,16 @@ class GrapeAP(Additive):
     where its rms_norm runs in bf16 under autocast, that eps is bf16's 2^-7; here the probe stays fp32). R_l rotates
     every half-split plane of p^ by -l (base 1: all planes turn at 1 rad/token, key index l absolute). s_h = ALiBi
     slopes (fixed; the paper's alpha_h). Reference form: the query probe is raw; grape_ap_query_norm=True uses the
-    paper's eq. 5.1 with both probes normalised. The bias depends on t through psi, so it is not a function of i - j; decoding caches
-    the rotated key probes R_l p^_l and pays O(t) per step."""
+    paper's eq. 5.1 with both probes normalised. The bias depends on t through psi, so it is not a function of
+    i - j; decoding caches the rotated key probes R_l p^_l and pays O(t) per step."""
+
+    global_init = ("c_p.weight",)
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.grape_ap_tie == "none" and (cfg.grape_ap_p_head_dim <= 0 or cfg.grape_ap_p_head_dim % 2):
+            raise ValueError(f"GPTConfig.grape_ap_p_head_dim must be a positive even int, "
+                             f"got {cfg.grape_ap_p_head_dim}")
 
     def __init__(self, cfg):
         super().__init__()
@@ -865,7 +945,6 @@ class GrapeAP(Additive):
         if self.tie == "none":
             self.c_p = nn.Linear(cfg.n_embd, cfg.n_head * self.p_dim, bias=False)
         self.register_buffer("slopes", torch.empty(cfg.n_head), persistent=False)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -900,14 +979,30 @@ class GrapeAP(Additive):
         return _ReversedPathSum.apply(e, causal_mask(q_pos, l_pos), self.slopes[:, None, None].to(e.dtype))
 
 
+# The registry of PEs: pos_encoding name -> class. The name lists below derive from it (in this order, which error
+# messages and benchmark tables follow), so a new PE is its class (formula, check, init declaration) plus one entry.
+PE_CLASSES = {
+    "rope": RoPE, "grape_m": GrapeM, "grape_m_ctx": GrapeMCtx, "grape_m_rank2": GrapeMRank2,
+    "grape_m_basis": GrapeMBasis, "grape_m_mix": GrapeMMix, "pope": PoPE, "rope_id": RoPEID,
+    "alibi": ALiBi, "fox": FoX, "grape_a_q": GrapeAQueryGated, "grape_a_k": GrapeAKeyGated,
+    "grape_a_qk": GrapeAQueryKeyGated, "grape_ap": GrapeAP,
+}
+ROTARY_PES = tuple(name for name, cls in PE_CLASSES.items() if issubclass(cls, Rotary))
+ADDITIVE_PES = tuple(name for name, cls in PE_CLASSES.items() if issubclass(cls, Additive))
+SCALABLE_ROTARY_PES = tuple(name for name in ROTARY_PES if PE_CLASSES[name].rope_scalable)  # rope_scaling's PEs
+
+
 def build_pe(cfg):
-    """(rotary module or None, additive module or None) for cfg.pos_encoding."""
+    """(rotary module or None, additive module or None) for cfg.pos_encoding, each initialised right after it is
+    constructed (the order of random draws every model of this code has been initialised with)."""
+    def build(name):
+        if name is None:
+            return None
+        pe = PE_CLASSES[name](cfg)
+        pe.reset_parameters()
+        return pe
     rotary, additive = split_pos_encoding(cfg.pos_encoding)
-    rotary_cls = {"rope": RoPE, "grape_m": GrapeM, "grape_m_ctx": GrapeMCtx, "grape_m_rank2": GrapeMRank2,
-                  "grape_m_basis": GrapeMBasis, "grape_m_mix": GrapeMMix, "pope": PoPE, "rope_id": RoPEID}
-    additive_fn = {"alibi": ALiBi, "fox": FoX, "grape_ap": GrapeAP, "grape_a_q": lambda c: GrapeA(c, "q"),
-                   "grape_a_k": lambda c: GrapeA(c, "k"), "grape_a_qk": lambda c: GrapeA(c, "qk")}
-    return (rotary_cls[rotary](cfg) if rotary else None), (additive_fn[additive](cfg) if additive else None)
+    return build(rotary), build(additive)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1055,6 +1150,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def enclosing_declarer(name, declarers):
+    """The prefix in declarers of the module that holds `name` (a dotted parameter or module name), or None."""
+    return next((prefix for prefix in declarers if name.startswith(prefix + ".")), None)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -1068,23 +1168,51 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter
         self.init_weights()
 
+    def init_plan(self):
+        """{parameter name: "own" | "global"} for every parameter of the model, the contract init_weights follows.
+        A PE (PositionalEncoding) or an RMSNorm declares all of its parameters, those of its submodules included, in
+        own_init (set by its reset_parameters) or global_init; elsewhere the weight of an nn.Linear or nn.Embedding
+        is "global". Raises ValueError naming any parameter that nothing declares, or that is declared twice, so
+        that a new parameter never gets an init nobody chose."""
+        plan, declarers = {}, {}
+        for prefix, module in self.named_modules():
+            if enclosing_declarer(prefix, declarers) is not None:
+                continue  # inside a PE or norm, whose declaration covers its submodules
+            if isinstance(module, (PositionalEncoding, RMSNorm)):
+                declarers[prefix] = module
+                twice = set(module.own_init) & set(module.global_init)
+                if twice:
+                    raise ValueError(f"{type(module).__name__} declares {sorted(twice)} in both own_init and "
+                                     f"global_init; each parameter has one init")
+                plan.update((f"{prefix}.{name}", "own") for name in module.own_init)
+                plan.update((f"{prefix}.{name}", "global") for name in module.global_init)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                plan[f"{prefix}.weight"] = "global"
+        for name, _ in self.named_parameters():
+            if name not in plan:
+                owner = enclosing_declarer(name, declarers)
+                hint = ("only PEs, RMSNorm gains and nn.Linear / nn.Embedding weights have one" if owner is None else
+                        f"list {name[len(owner) + 1:]!r} in {type(declarers[owner]).__name__}.own_init (set by its "
+                        f"reset_parameters) or .global_init (drawn by GPT.init_weights)")
+                raise ValueError(f"GPT.init_weights: parameter {name!r} has no declared init; {hint}")
+        return {name: plan[name] for name, _ in self.named_parameters()}
+
     @torch.no_grad()
     def init_weights(self):
-        """The reference init (GRAPE §1.6). Every parameter with >= 2 dims is drawn from N(0, std^2):
-        the tied embedding 0.02; the residual outputs (attn.c_proj, mlp.c_proj) sigma_h / sqrt(n_layer); everything
-        else sigma_h = 0.5 / sqrt(n_embd); except the PE parameters a module lists in `keep_init`. 1-D parameters
-        and those PE parameters get their module's own init (reset_parameters): norm gains 1, FoX gate bias 0,
-        GRAPE spectra and gates as documented per class. Safe to call again (e.g. after meta-device construction)."""
+        """The reference init (GRAPE §1.6), by init_plan(). Every module that declares an init (PEs, RMSNorm) is
+        reset in module order (norm gains 1, FoX gate bias 0, GRAPE spectra and gates as documented per class;
+        GRAPE-A's gates draw from the RNG here), then every "global" parameter, in parameter order, is drawn from
+        N(0, std^2): the tied embedding 0.02; the residual outputs (attn.c_proj, mlp.c_proj) sigma_h / sqrt(n_layer);
+        everything else sigma_h = 0.5 / sqrt(n_embd). Safe to call again (e.g. after meta-device construction)."""
+        plan = self.init_plan()  # first: a model with an undeclared parameter is refused before anything changes
         cfg = self.config
         sigma_h = cfg.hidden_init_std_factor / math.sqrt(cfg.n_embd)
         sigma_o = sigma_h / math.sqrt(cfg.n_layer)
-        keep = set()
-        for module_name, module in self.named_modules():
-            if isinstance(module, (RMSNorm, Rotary, Additive)) and hasattr(module, "reset_parameters"):
+        for module in self.modules():
+            if isinstance(module, (PositionalEncoding, RMSNorm)):
                 module.reset_parameters()
-            keep.update(f"{module_name}.{p}" for p in getattr(module, "keep_init", ()))
         for name, p in self.named_parameters():
-            if p.dim() < 2 or name in keep:
+            if plan[name] != "global":
                 continue
             if name == "transformer.wte.weight":
                 std = cfg.embedding_init_std
