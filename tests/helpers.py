@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from model import GPT, GPTConfig
+
 REPO = Path(__file__).resolve().parents[1]
 COMPARE_THREADS = 1  # the thread count of every computation a test compares with another bit for bit
 
@@ -41,3 +43,89 @@ def assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+# Small models for the tests of model.py and its PEs (vocabulary 97, two layers, four heads of 16 dims).
+
+
+def tiny_config(pe, kv_shift=False, **kw):
+    """A two-layer GPTConfig with pos_encoding=pe; embedding std 0.2 gives logits of std ~2 and max ~13 (like a
+    trained LM), so absolute tolerances mean something."""
+    base = dict(n_layer=2, n_head=4, n_embd=64, head_dim=16, vocab_size=97, block_size=32,
+                pos_encoding=pe, kv_shift=kv_shift, embedding_init_std=0.2)
+    return GPTConfig(**{**base, **kw})
+
+
+@torch.no_grad()
+def perturb_pe_parameters(model, scale=0.3):
+    """Move every PE parameter and norm gain away from its init, so that tests do not pass only at init
+    (e.g. GRAPE-M-ctx's gate weight starts at exactly 0 and GRAPE-M's spectrum equals RoPE's)."""
+    for name, p in model.named_parameters():
+        if any(s in name for s in ("rotary", "additive", "shift_proj", "rms")):
+            p.add_(scale * torch.randn_like(p) * (p.abs().mean() + 0.1))
+
+
+def tiny_model(pe, kv_shift=False, seed=0, **kw):
+    """The fp32 model of tiny_config, built under torch.manual_seed(seed), PE parameters perturbed, in eval mode."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(pe, kv_shift, **kw))
+    perturb_pe_parameters(model)
+    return model.eval()
+
+
+def double_model(pe, perturb=True, **kw):
+    """The model of tiny_config in fp64 (for comparisons with explicit matrices), seed 0, in eval mode."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pe, **kw)).double()
+    if perturb:
+        perturb_pe_parameters(model)
+    return model.eval()
+
+
+LAYER_BATCH, LAYER_LENGTH = 2, 12  # the shape of layer_inputs
+
+
+def layer_inputs(model):
+    """(x, positions): a random fp64 attention input (LAYER_BATCH, LAYER_LENGTH, n_embd) at positions 0 .. T-1."""
+    return torch.randn(LAYER_BATCH, LAYER_LENGTH, model.config.n_embd, dtype=torch.float64), torch.arange(LAYER_LENGTH)
+
+
+def scores(attn, x, positions, cache=None):
+    """The attention logits (B, H, T, T) of one layer: <q~_i, k~_j> / sqrt(D) + b(i, j), -inf above the diagonal."""
+    q, k, _, (q_feats, k_feats) = attn.qkv(x, positions, cache)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    s = q @ k.transpose(-1, -2) * attn.scale  # 1/sqrt(D), also for PoPE's 2D-wide q and k
+    if attn.additive is not None:
+        s = s + attn.additive.bias(q_feats, k_feats, positions, positions)
+    hidden = positions[None, :] > positions[:, None]
+    return s.masked_fill(hidden, float("-inf"))
+
+
+def lower(s):
+    """The causal (j <= i) entries of (..., T, T) scores."""
+    i, j = torch.tril_indices(s.size(-2), s.size(-1))
+    return s[..., i, j]
+
+
+def half_split_generator(freqs):
+    """L = sum_m theta_m (e_m e_{m+d/2}^T - e_{m+d/2} e_m^T): exp(n L) rotates plane (m, m+d/2) by -n theta_m."""
+    half = freqs.numel()
+    gen = torch.zeros(2 * half, 2 * half, dtype=torch.float64)
+    idx = torch.arange(half)
+    gen[idx, idx + half] = freqs.double()
+    gen[idx + half, idx] = -freqs.double()
+    return gen
+
+
+@torch.no_grad()
+def full_and_cached(model, idx, chunks):
+    """(logits of one full forward, the same logits decoded through the KV cache): the first chunks[i] tokens as
+    multi-token steps (a prefill, then a chunk on a non-empty cache), then one token at a time."""
+    full, _ = model(idx, all_logits=True)
+    cache, pieces, t = model.new_cache(), [], 0
+    for end in [*chunks, *range(chunks[-1] + 1, idx.size(1) + 1)]:
+        pieces.append(model(idx[:, t:end], cache=cache, all_logits=True)[0])
+        t = end
+    assert cache.length == idx.size(1)
+    return full, torch.cat(pieces, dim=1)

@@ -7,8 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chunked_attention import chunked_bias_attention, flex_pairwise_attention
+from helpers import tiny_config, tiny_model
 from model import ADDITIVE_PES, GPT
-from test_model import tiny_config, tiny_model
 
 ATOL = 1e-5  # fp32, on outputs and on every gradient
 

@@ -5,34 +5,12 @@ import math
 import pytest
 import torch
 
+from helpers import full_and_cached, perturb_pe_parameters, tiny_config, tiny_model
 from model import ADDITIVE_PES, GPT, ROTARY_PES, GPTConfig, split_pos_encoding
 
 ALL_PES = ["nope", *ROTARY_PES, *ADDITIVE_PES]
 COMPOSED_PES = ["rope+alibi", "grape_m+grape_ap", "grape_m_ctx+fox", "grape_m+grape_a_qk", "pope+grape_ap",
                 "rope_id+fox", "grape_m_mix+alibi", "grape_m_basis+grape_a_k", "grape_m_rank2+grape_ap"]
-
-
-def tiny_config(pe, kv_shift=False, **kw):
-    # embedding std 0.2 gives logits of std ~2 and max ~13 (like a trained LM), so absolute tolerances mean something
-    base = dict(n_layer=2, n_head=4, n_embd=64, head_dim=16, vocab_size=97, block_size=32,
-                pos_encoding=pe, kv_shift=kv_shift, embedding_init_std=0.2)
-    return GPTConfig(**{**base, **kw})
-
-
-def tiny_model(pe, kv_shift=False, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = GPT(tiny_config(pe, kv_shift, **kw))
-    perturb_pe_parameters(model)
-    return model.eval()
-
-
-@torch.no_grad()
-def perturb_pe_parameters(model, scale=0.3):
-    """Move every PE parameter and norm gain away from its init, so that tests do not pass only at init
-    (e.g. GRAPE-M-ctx's gate weight starts at exactly 0 and GRAPE-M's spectrum equals RoPE's)."""
-    for name, p in model.named_parameters():
-        if any(s in name for s in ("rotary", "additive", "shift_proj", "rms")):
-            p.add_(scale * torch.randn_like(p) * (p.abs().mean() + 0.1))
 
 
 # ---------------------------------------------------------------------------------------------------------- sizes
@@ -162,19 +140,6 @@ def test_causality(pe, kv_shift):
 
 
 # ---------------------------------------------------------------------------------------------------------- KV cache
-
-
-@torch.no_grad()
-def full_and_cached(model, idx, chunks):
-    """(logits of one full forward, the same logits decoded through the KV cache): the first chunks[i] tokens as
-    multi-token steps (a prefill, then a chunk on a non-empty cache), then one token at a time."""
-    full, _ = model(idx, all_logits=True)
-    cache, pieces, t = model.new_cache(), [], 0
-    for end in [*chunks, *range(chunks[-1] + 1, idx.size(1) + 1)]:
-        pieces.append(model(idx[:, t:end], cache=cache, all_logits=True)[0])
-        t = end
-    assert cache.length == idx.size(1)
-    return full, torch.cat(pieces, dim=1)
 
 
 @pytest.mark.parametrize("kv_shift", [False, True])

@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import (LAYER_BATCH, LAYER_LENGTH, double_model, full_and_cached, half_split_generator, layer_inputs,
+                     lower, scores, tiny_model)
 from model import (GPT, GPTConfig, orthogonal_from_skew, rodrigues_rotate, rope_inv_freq, rope_scaling,
                    rotate_half_split)
-from test_model import full_and_cached, tiny_model
-from test_pe_math import B, T, double_model, half_split_generator, layer_inputs, lower, scores
+
+B, T = LAYER_BATCH, LAYER_LENGTH  # the shape of layer_inputs
 
 
 def rank2_generator(a, b):
@@ -273,7 +275,7 @@ def test_rope_id_temperature():
     torch.testing.assert_close(lower(hot), lower(cold * factor[:, None]), rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------------------------------------------------- RoPE scaling
+# --------------------------------------------------------------------------------------------------------- RoPE scaling
 
 
 def scaling_config(kind, factor=8.0, **kw):

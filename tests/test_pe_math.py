@@ -7,39 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import (LAYER_BATCH, LAYER_LENGTH, double_model, half_split_generator, layer_inputs, lower, scores,
+                     tiny_config)
 from model import GPT, GPTConfig, LayerCache, ShiftLinear, alibi_slopes
-from test_model import perturb_pe_parameters, tiny_config
 
-B, T = 2, 12
-
-
-def double_model(pe, perturb=True, **kw):
-    torch.manual_seed(0)
-    model = GPT(tiny_config(pe, **kw)).double()
-    if perturb:
-        perturb_pe_parameters(model)
-    return model.eval()
-
-
-def layer_inputs(model):
-    return torch.randn(B, T, model.config.n_embd, dtype=torch.float64), torch.arange(T)
-
-
-def scores(attn, x, positions, cache=None):
-    """The attention logits (B, H, T, T) of one layer: <q~_i, k~_j> / sqrt(D) + b(i, j), -inf above the diagonal."""
-    q, k, _, (q_feats, k_feats) = attn.qkv(x, positions, cache)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    s = q @ k.transpose(-1, -2) * attn.scale  # 1/sqrt(D), also for PoPE's 2D-wide q and k
-    if attn.additive is not None:
-        s = s + attn.additive.bias(q_feats, k_feats, positions, positions)
-    hidden = positions[None, :] > positions[:, None]
-    return s.masked_fill(hidden, float("-inf"))
-
-
-def lower(s):
-    """The causal (j <= i) entries of (..., T, T) scores."""
-    i, j = torch.tril_indices(s.size(-2), s.size(-1))
-    return s[..., i, j]
+B, T = LAYER_BATCH, LAYER_LENGTH  # the shape of layer_inputs
 
 
 def lift(q, k, d):
@@ -53,16 +25,6 @@ def unit(n, row, col):
     m = torch.zeros(n, n, dtype=torch.float64)
     m[row, col] = 1.0
     return m
-
-
-def half_split_generator(freqs):
-    """L = sum_m theta_m (e_m e_{m+d/2}^T - e_{m+d/2} e_m^T): exp(n L) rotates plane (m, m+d/2) by -n theta_m."""
-    half = freqs.numel()
-    gen = torch.zeros(2 * half, 2 * half, dtype=torch.float64)
-    idx = torch.arange(half)
-    gen[idx, idx + half] = freqs.double()
-    gen[idx + half, idx] = -freqs.double()
-    return gen
 
 
 # ---------------------------------------------------------------------------------------------------------- plumbing
@@ -286,7 +248,7 @@ def test_rope_equals_grape_m_at_init():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------------- relative law
+# --------------------------------------------------------------------------------------------------------- relative law
 
 
 @pytest.mark.parametrize("pe", ["rope", "grape_m", "alibi", "grape_a_qk", "rope+alibi", "grape_m+grape_a_k",
