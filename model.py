@@ -1191,9 +1191,11 @@ class GPT(nn.Module):
         for name, _ in self.named_parameters():
             if name not in plan:
                 owner = enclosing_declarer(name, declarers)
-                hint = ("only PEs, RMSNorm gains and nn.Linear / nn.Embedding weights have one" if owner is None else
-                        f"list {name[len(owner) + 1:]!r} in {type(declarers[owner]).__name__}.own_init (set by its "
-                        f"reset_parameters) or .global_init (drawn by GPT.init_weights)")
+                if owner is None:
+                    hint = "outside a PE only RMSNorm gains and nn.Linear / nn.Embedding weights have one"
+                else:
+                    hint = (f"list {name[len(owner) + 1:]!r} in {type(declarers[owner]).__name__}.own_init (set by "
+                            f"its reset_parameters) or .global_init (drawn by GPT.init_weights)")
                 raise ValueError(f"GPT.init_weights: parameter {name!r} has no declared init; {hint}")
         return {name: plan[name] for name, _ in self.named_parameters()}
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from helpers import full_and_cached, perturb_pe_parameters, tiny_config, tiny_model
-from model import ADDITIVE_PES, GPT, ROTARY_PES, GPTConfig, split_pos_encoding
+from model import (ADDITIVE_PES, GPT, PE_CLASSES, ROTARY_PES, GPTConfig, GrapeA, build_pe,
+                   split_pos_encoding)
 
 ALL_PES = ["nope", *ROTARY_PES, *ADDITIVE_PES]
 COMPOSED_PES = ["rope+alibi", "grape_m+grape_ap", "grape_m_ctx+fox", "grape_m+grape_a_qk", "pope+grape_ap",
@@ -61,56 +62,106 @@ def test_weight_tying_and_no_biases():
 # ---------------------------------------------------------------------------------------------------------- init
 
 
-def test_init_statistics_per_parameter_kind():
-    """GRAPE §1.6: embedding N(0, 0.02^2); residual outputs N(0, sigma_o^2); other matrices N(0, sigma_h^2);
-    norm gains 1; PE parameters with their own inits."""
-    torch.manual_seed(0)
-    C, L, H, D = 256, 4, 4, 64
+INIT_PES = ["nope", *ROTARY_PES, *ADDITIVE_PES, "grape_m+grape_ap"]
+MATRICES = ("c_q.weight", "c_k.weight", "c_v.weight", "c_k.linear.weight", "c_v.linear.weight", "shift_proj.weight",
+            "c_fc1.weight", "c_fc2.weight", "additive.fgate.weight", "additive.c_p.weight")
+
+
+def documented_init(name, cfg):
+    """What GRAPE §1.6 and the PE docstrings say parameter `name` starts as, worked out here from the config: a
+    float std for N(0, std^2), or a function of the parameter's shape giving its exact fp64 value."""
+    C, L, H, D, base = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.rope_base
     sigma_h = 0.5 / math.sqrt(C)
-    sigma_o = sigma_h / math.sqrt(L)
-    seen = set()
-    for pe in ("fox", "grape_a_qk", "grape_ap", "grape_m", "grape_m_ctx"):
-        model = GPT(GPTConfig(n_layer=L, n_head=H, n_embd=C, head_dim=D, vocab_size=4096, pos_encoding=pe,
-                              kv_shift=True))
-        for name, p in model.named_parameters():
-            kind = name.split(".", 3)[-1] if name.startswith("transformer.h.") else name
-            if name == "transformer.wte.weight":
-                expected_std = 0.02
-            elif name.endswith("c_proj.weight"):
-                expected_std = sigma_o
-            elif name.endswith(("additive.u", "additive.v")):
-                expected_std = 1 / math.sqrt(D)
-            elif name.endswith("omega_proj.weight"):
-                assert torch.all(p == 0), name
-                continue
-            elif p.dim() >= 2:
-                expected_std = sigma_h  # c_q/c_k/c_v (incl. ShiftLinear parts), c_fc1/2, fgate, c_p
-            elif name.endswith("rms.weight") or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                assert torch.all(p == 1), name
-                continue
-            elif name.endswith("fgate.bias"):
-                assert torch.all(p == 0), name
-                continue
-            elif name.endswith("omega_proj.bias"):
-                torch.testing.assert_close(p, torch.full_like(p, math.log(math.expm1(1e-3))))
-                assert abs(p.item() + 6.90726) < 1e-4
-                continue
-            elif name.endswith("additive.omega"):
-                torch.testing.assert_close(p, torch.full_like(p, math.log(math.e - 1)))
-                continue
-            elif name.endswith("rotary.log_freq"):
-                spectrum = 1.0 / 10000 ** (torch.arange(0, D, 2).double() / D)
-                scale = 16.0 if pe == "grape_m" else 1.0
-                torch.testing.assert_close(p.double(), scale * spectrum.log(), rtol=1e-6, atol=1e-5)
-                continue
-            else:
-                raise AssertionError(f"parameter {name} has no expected init in this test")
-            seen.add(kind)
-            n = p.numel()
-            assert abs(p.mean().item()) < 4 * expected_std / math.sqrt(n), name
-            assert abs(p.std().item() / expected_std - 1) < 6 / math.sqrt(2 * n), (name, p.std().item(), expected_std)
-    assert {"attn.c_k.shift_proj.weight", "attn.additive.fgate.weight", "attn.additive.c_p.weight",
-            "mlp.c_proj.weight", "attn.c_v.linear.weight"} <= seen
+    pairs = torch.arange(D // 2, dtype=torch.float64)
+    constant = lambda value: lambda shape: torch.full(shape, value, dtype=torch.float64)
+    if name == "transformer.wte.weight":
+        return 0.02
+    if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
+        return sigma_h / math.sqrt(L)
+    if name.endswith(MATRICES):
+        return sigma_h
+    if name.endswith(("additive.u", "additive.v")):
+        return 1 / math.sqrt(D)
+    if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "q_rms.weight", "k_rms.weight")):
+        return constant(1.0)
+    if name.endswith(("omega_proj.weight", "basis_skew", "phase_bias", "fgate.bias")):
+        return constant(0.0)
+    if name.endswith("omega_proj.bias"):
+        return constant(math.log(math.expm1(1e-3)))  # softplus^-1(grape_ctx_init_omega)
+    if name.endswith("additive.omega"):
+        return constant(math.log(math.e - 1))  # softplus(omega) = 1
+    if name.endswith("rotary.log_freq"):  # lambda = S log(RoPE spectrum); S = 16 for GRAPE-M, 1 for GRAPE-M-ctx
+        scale = 1.0 if cfg.pos_encoding == "grape_m_ctx" else 16.0
+        return lambda shape: (scale * -2 * pairs / D * math.log(base)).expand(shape)
+    if name.endswith(("rotary.a", "rotary.b")):  # head h rotates the half-split plane m = h mod D/2
+        column = torch.arange(H) % (D // 2) + (D // 2 if name.endswith(".b") else 0)
+        return lambda shape: torch.eye(D, dtype=torch.float64)[column]
+    if name.endswith("rotary.log_omega"):
+        return lambda shape: -math.log(base) * torch.arange(H, dtype=torch.float64) / H
+    if name.endswith("rotary.generator"):  # RoPE's generator for head dim r: pair i turns at base^(-2i/r)
+        r = cfg.grape_mix_rank
+        def generator(shape):
+            g = torch.zeros(shape, dtype=torch.float64)
+            g[:, torch.arange(r // 2), r // 2 + torch.arange(r // 2)] = base ** (-2 * torch.arange(r // 2) / r).double()
+            return g
+        return generator
+    raise AssertionError(f"parameter {name} has no documented init in this test")
+
+
+@pytest.mark.parametrize("pe", INIT_PES)
+def test_init_statistics_for_every_encoding(pe):
+    """GRAPE §1.6: embedding N(0, 0.02^2); residual outputs N(0, sigma_o^2); other matrices N(0, sigma_h^2);
+    norm gains 1; PE parameters with the inits their classes document. Every parameter of every encoding (with
+    KV-shift) is checked against a value worked out here, not read from the model's init plan."""
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, head_dim=64, vocab_size=4096, pos_encoding=pe, kv_shift=True)
+    model = GPT(cfg)
+    for name, p in model.named_parameters():
+        expected = documented_init(name, cfg)
+        if callable(expected):
+            torch.testing.assert_close(p.double(), expected(p.shape), rtol=1e-6, atol=1e-6, msg=name)
+            continue
+        n = p.numel()
+        assert abs(p.mean().item()) < 4 * expected / math.sqrt(n), name
+        assert abs(p.std().item() / expected - 1) < 6 / math.sqrt(2 * n), (name, p.std().item(), expected)
+
+
+def test_init_plan_names_every_parameter_once():
+    """The init contract: every parameter is "own" (its module's reset_parameters) or "global" (drawn by
+    init_weights); the PE matrices that take the model's init are exactly FoX's gate and GRAPE-AP's probe."""
+    for pe in INIT_PES:
+        model = GPT(tiny_config(pe, kv_shift=True))
+        plan = model.init_plan()
+        assert list(plan) == [name for name, _ in model.named_parameters()]
+        assert set(plan.values()) <= {"own", "global"}
+        pe_global = {n.split(".", 3)[-1] for n, kind in plan.items() if kind == "global" and ("rotary" in n
+                                                                                             or "additive" in n)}
+        assert pe_global == {"fox": {"attn.additive.fgate.weight"}, "grape_ap": {"attn.additive.c_p.weight"},
+                             "grape_m+grape_ap": {"attn.additive.c_p.weight"}}.get(pe, set()), pe
+
+
+@pytest.mark.parametrize("where,attach", [
+    ("transformer.h.1.attn.rotary.extra", lambda attn: setattr(attn.rotary, "extra", torch.nn.Parameter(
+        torch.empty(4, 4)))),
+    ("transformer.h.1.attn.additive.probe.weight", lambda attn: setattr(attn.additive, "probe", torch.nn.Linear(
+        4, 4, bias=False))),
+    ("transformer.h.1.attn.gain", lambda attn: setattr(attn, "gain", torch.nn.Parameter(torch.ones(4)))),
+])
+def test_init_refuses_an_undeclared_parameter(where, attach):
+    """A parameter that no module declares (a PE's new matrix, a layer inside a PE, a parameter outside any PE) is
+    an error naming it, raised before any weight changes, instead of a silent redraw from N(0, sigma_h^2)."""
+    model = GPT(tiny_config("grape_m+fox"))
+    attach(model.transformer.h[1].attn)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"parameter '{where}' has no declared init"):
+        model.init_weights()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_init_refuses_a_parameter_declared_twice(monkeypatch):
+    monkeypatch.setattr(type(GPT(tiny_config("fox")).transformer.h[0].attn.additive), "own_init",
+                        ("fgate.bias", "fgate.weight"))
+    with pytest.raises(ValueError, match=r"FoX declares \['fgate.weight'\] in both own_init and global_init"):
+        GPT(tiny_config("fox"))
 
 
 def test_init_weights_is_idempotent_in_distribution_and_resets_pe():
@@ -255,6 +306,17 @@ def test_bf16_autocast_cached_decoding(pe):
 
 
 # ---------------------------------------------------------------------------------------------------------- config
+
+
+def test_pe_registry_is_the_one_list():
+    """ROTARY_PES and ADDITIVE_PES are the registry's names by role, in its order, and each name builds its class."""
+    assert ROTARY_PES + ADDITIVE_PES == tuple(PE_CLASSES)
+    for name, cls in PE_CLASSES.items():
+        rotary, additive = build_pe(tiny_config(name))
+        built, other = (rotary, additive) if name in ROTARY_PES else (additive, rotary)
+        assert type(built) is cls and other is None, name
+    with pytest.raises(TypeError, match="gated subclass"):
+        GrapeA(tiny_config("grape_a_q"))
 
 
 def test_pos_encoding_names():
