@@ -14,7 +14,7 @@ is >= n) restricts it to a bijection on [0, n), because following the cycle from
 the range. Since 2**(2h) < 4n, the expected number of walks is below 4.
 
 Invariants (tested): for every n >= 1, seed, epoch the map is a bijection of [0, n); the same (n, seed, epoch) always
-gives the same order (golden values pinned in tests/test_data.py); different seeds or epochs give unrelated orders.
+gives the same order (golden values pinned in tests/test_permutation.py); different seeds or epochs give unrelated orders.
 """
 
 from __future__ import annotations

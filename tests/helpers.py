@@ -6,11 +6,16 @@ that compares two computations bit for bit therefore runs both under one thread 
 children told the same, whatever the machine's default is."""
 
 import contextlib
+import gzip
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from data import shards
+from data.fineweb_edu import prepare
+from data.tokenizer import EOT, gpt2_encoding
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,3 +134,57 @@ def full_and_cached(model, idx, chunks):
         t = end
     assert cache.length == idx.size(1)
     return full, torch.cat(pieces, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+# Inputs and readers for the tests of data/ (preparation, sources, tokenizer, shard writer).
+
+DOCUMENTS = [
+    "Hello world, this is GPT-2.",
+    "A second document.\nIt has two lines, and a literal <|endoftext|> that must stay text.",
+    "Ünïcödé: naïve café, 東京, emoji 🙂 and math ∑x².",
+    "  leading spaces are kept\ttabs too   ",
+    " ".join(f"word{i}" for i in range(300)),  # longer than two shards of 64 tokens
+    "x",
+    "The end.",
+]
+
+
+def write_txt(path, docs, sep="\n\n", gz=False):
+    """A txt input (gzip-compressed with gz=True): the documents separated by `sep`, a blank line by default."""
+    text = sep.join(docs) + "\n"
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def shard_paths(directory):
+    """The shard files of a directory in index order (validation shard 0 first)."""
+    return sorted(Path(directory).glob("*.bin"), key=lambda p: shards.parse_shard_name(p.name)[2])
+
+
+def shard_tokens(directory):
+    """The token stream of a directory: every shard's tokens, concatenated in index order."""
+    return np.concatenate([np.asarray(shards.open_shard(p)) for p in shard_paths(directory)])
+
+
+def decode_documents(tokens):
+    """The texts of a GPT-2 token stream in which every document starts with EOT."""
+    cuts = np.flatnonzero(tokens == EOT)
+    assert cuts.size and cuts[0] == 0, "every document starts with EOT"
+    return [gpt2_encoding().decode(tokens[a + 1:b].tolist()) for a, b in zip(cuts, list(cuts[1:]) + [tokens.size])]
+
+
+def visible_files(directory):
+    """{name: bytes} of a directory's files, hidden ones (the lock, temporary files) excluded: what two preparations
+    that must be byte-identical are compared by."""
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if not p.name.startswith(".")}
+
+
+def prepare_tiny(source, out_dir, **overrides):
+    """data.fineweb_edu.prepare with 40-token shards named r_*, 4 documents per batch, in this process, silently."""
+    return prepare(source, out_dir, **{"shard_size": 40, "prefix": "r", "workers": 0, "progress": False,
+                                       "batch_docs": 4, **overrides})
