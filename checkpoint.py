@@ -1,5 +1,5 @@
 """
-Checkpoints: atomic, complete, discoverable, pruned.
+Checkpoints: atomic, complete, discoverable, pruned. This module is the one reader and writer of the format.
 
 Layout of one checkpoint (a directory under the run's out_dir):
 
@@ -14,6 +14,11 @@ Atomicity: everything is written into `out_dir/.tmp_ckpt_0001000/`, flushed and 
 directory to its final name (one rename, atomic on POSIX file systems). A directory named `ckpt_*` is therefore
 always complete; a crash mid-write leaves only a `.tmp_*` directory, which the next save of that step replaces and
 which is never loaded. Pruning runs after the rename, so the newest complete checkpoint is never deleted.
+
+A model-only checkpoint (`save_model_only`: e.g. a model built in Python, to be evaluated) is the same directory with
+model.pt and meta.json (step, tokens, config) only, published the same way. Readers take a checkpoint directory or a
+run directory, meaning its newest complete checkpoint (`resolve_checkpoint`); `load_meta` and `load_states` read the
+files. A missing, incomplete or unreadable checkpoint is a CheckpointError naming the path and the file.
 """
 
 import json
@@ -27,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from durable import fsync_dir, fsync_file
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 
@@ -47,17 +54,6 @@ def list_checkpoints(out_dir):
 def latest_checkpoint(out_dir):
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
-
-
-def _fsync_tree(directory):
-    for path in Path(directory).iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def staging_dir(out_dir, step):
@@ -93,27 +89,44 @@ def write_rank_files(tmp, rank):
     torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
 
 
+def _write_model_and_meta(tmp, model_state, meta):
+    torch.save(model_state, Path(tmp) / "model.pt")
+    (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
 def write_main_files(tmp, model_state, optimizer_state, meta):
     """Rank 0: weights, optimizer and metadata."""
-    tmp = Path(tmp)
-    torch.save(model_state, tmp / "model.pt")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    torch.save(optimizer_state, Path(tmp) / "optimizer.pt")
+    _write_model_and_meta(tmp, model_state, meta)
 
 
 def publish(out_dir, step):
-    """Rank 0, after every rank has written: make the checkpoint visible in one atomic rename."""
+    """Rank 0, after every rank has written: make the checkpoint visible in one atomic rename. The files are synced
+    before the rename and the rename itself after it, so a visible checkpoint survives a power loss complete."""
     tmp, final = staging_dir(out_dir, step), Path(out_dir) / checkpoint_name(step)
-    _fsync_tree(tmp)
+    for path in tmp.iterdir():
+        fsync_file(path)
+    fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. a pre-emption right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out_dir)
     return final
+
+
+def save_model_only(model, out_dir, step=0, tokens=0, extra_config=None):
+    """Publish `model` (a model.GPT) as out_dir/ckpt_NNNNNNN/{model.pt, meta.json}: the format without optimizer
+    and RNG states, e.g. to evaluate a model built in Python. meta.json["config"] is model.config plus the training
+    keys in `extra_config`. An existing checkpoint of that step is a FileExistsError (nothing is replaced). Returns
+    the checkpoint directory."""
+    final = Path(out_dir) / checkpoint_name(step)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; a model-only save does not replace a checkpoint")
+    tmp = prepare_staging(out_dir, step)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = dict(step=step, tokens=tokens, config={**model.config.to_dict(), **(extra_config or {})})
+    _write_model_and_meta(tmp, state, meta)
+    return publish(out_dir, step)
 
 
 def prune(out_dir, keep_last, keep_every):
@@ -125,8 +138,54 @@ def prune(out_dir, keep_last, keep_every):
         shutil.rmtree(path)
 
 
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve_checkpoint(path):
+    """The checkpoint directory for `path`: itself if it holds meta.json or model.pt (then it must hold both), else
+    the newest complete ckpt_* in it (a run directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory (expected a ckpt_* directory or a run directory)")
+    if (path / "meta.json").exists() or (path / "model.pt").exists():
+        for name in ("meta.json", "model.pt"):
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint in {path}: expected a ckpt_* directory (with model.pt and meta.json) "
+                              f"or a run directory containing ckpt_* directories")
+    return resolve_checkpoint(latest)
+
+
 def load_meta(path):
-    return json.loads((Path(path) / "meta.json").read_text())
+    """The meta.json of the checkpoint directory `path` as a dict."""
+    try:
+        return json.loads((Path(path) / "meta.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json is not valid JSON ({e})") from None
+
+
+def _read_state(file, weights_only):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"checkpoint {file.parent}: cannot read {file.name} ({type(e).__name__}: {e})") from None
+
+
+def load_states(path, optimizer=True):
+    """(model state dict, optimizer state dict or None) of the checkpoint directory `path`, on the CPU, exactly as
+    saved. Parameter names are the unwrapped model's: a torch.compile or DDP prefix (`_orig_mod.`, `module.`) that
+    a checkpoint written from a wrapped model carries is removed. optimizer=False skips optimizer.pt (evaluation;
+    a model-only checkpoint has none)."""
+    path = Path(path)
+    model_state = _read_state(path / "model.pt", weights_only=True)
+    model_state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model_state.items()}
+    return model_state, _read_state(path / "optimizer.pt", weights_only=False) if optimizer else None
 
 
 def load_rank_rng(path, rank):

@@ -8,6 +8,14 @@ sets do not overlap, so every key is addressed by its bare name. A config file m
 relative to itself) whose keys it extends or overrides; bases may chain. Values are checked against the field
 types: an unknown key, a wrong type or a bad value is a `ConfigError` naming the file, the key and what is allowed.
 The fully resolved config (`resolved_dict`) is what checkpoints store and wandb receives.
+
+Values written on a command line are read by one parser, `parse_value` (its docstring has the syntax), whichever
+command takes them: train.py `--key=value`, the evaluations' `--override key=value` (model keys only) and the
+sweeps' `--set key=value`; so the same text means the same value everywhere.
+
+Run-level rules that train.py applies and the sweep tools check without running it also live here: the number of
+updates a config makes (`total_steps`) and which keys a resumed run may change (`RESUMABLE_CHANGES`,
+`check_resume_config`).
 """
 
 import difflib
@@ -17,6 +25,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from device import DTYPES
 from model import GPTConfig
 
 
@@ -72,7 +81,7 @@ class TrainConfig:
         return {**self.model.to_dict(), **out}
 
 
-CHOICES = {"wandb": ("disabled", "offline", "online"), "dtype": ("auto", "bfloat16", "float32")}
+CHOICES = {"wandb": ("disabled", "offline", "online"), "dtype": DTYPES}
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model"}
 MODEL_FIELDS = {f.name: f for f in fields(GPTConfig)}
 assert not TRAIN_FIELDS.keys() & MODEL_FIELDS.keys()
@@ -91,8 +100,8 @@ def _check_type(key, value, where):
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # TOML "1" for a float key
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-        names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
-        raise ConfigError(f"{where}: key {key!r} must be {names}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where}: key {key!r} must be {_type_names(allowed)}, got {value!r} "
+                          f"({type(value).__name__})")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{where}: key {key!r} must be one of {CHOICES[key]}, got {value!r}")
     return value
@@ -137,44 +146,96 @@ def read_config_file(path, _seen=()):
     return merged
 
 
+NOT_TOML = object()  # toml_literal's answer for text that is not one TOML value
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+NONE_WORDS = ("none", "null")
+
+
+def toml_literal(text):
+    """`text` read as one TOML value (10, 1_000, 0x1F, 1e-3, inf, true, "a b", 'x', [1, 2], ...), or NOT_TOML."""
+    if "\n" in text:
+        return NOT_TOML
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return NOT_TOML
+
+
+def _number(word, literal):
+    if isinstance(literal, (int, float)) and not isinstance(literal, bool):
+        return literal
+    try:
+        return float(word)
+    except ValueError:
+        return None
+
+
+def _type_names(allowed):
+    return " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+
+
+def parse_value(key, text, where="value"):
+    """The value of config key `key` written as the string `text`: the one reading of values given on a command
+    line (train.py --key=value, the evaluations' --override key=value, the sweeps' --set key=value). Surrounding
+    whitespace is ignored, and the first of these readings that the key's type allows is taken:
+
+        none, null                         None
+        true, yes, 1 / false, no, 0        a bool (any case)
+        a whole number                     an int: TOML integers (480, 1_000, 0x1F) and whole floats (1e5, 480.0)
+        a number                           a float: TOML or Python syntax (3e-4, 1_000.5, inf)
+        a quoted TOML string ("a", 'b')    the string between the quotes
+        anything else                      the text itself, as a string
+
+    An unknown key, a value of no allowed type, or a value outside the key's choices is a ConfigError that starts
+    with `where` and names the key, the value and what was expected."""
+    spec = MODEL_FIELDS.get(key) or TRAIN_FIELDS.get(key)
+    if spec is None:
+        raise _unknown_key(key, where)
+    allowed = _allowed_types(spec.type)
+    word = text.strip()
+    literal = toml_literal(word)
+    if type(None) in allowed and word.lower() in NONE_WORDS:
+        return None
+    if bool in allowed and word.lower() in BOOL_WORDS:
+        return BOOL_WORDS[word.lower()]
+    number = _number(word, literal)
+    if int in allowed and number is not None and (isinstance(number, int) or number.is_integer()):
+        return _check_type(key, int(number), where)
+    if float in allowed and number is not None:
+        return _check_type(key, float(number), where)
+    if str in allowed:
+        return _check_type(key, literal if isinstance(literal, str) else word, where)
+    raise ConfigError(f"{where}: key {key!r} must be {_type_names(allowed)}, got {text!r}")
+
+
+def split_setting(text, where):
+    """'key=value' -> (key, value text): the key stripped, with '-' read as '_' (rope-base = rope_base)."""
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key:
+        raise ConfigError(f"{where} must look like key=value")
+    return key, value
+
+
+def parse_setting(text, where):
+    """'key=value' -> (key, typed value) through parse_value; `where` (e.g. "--set 'seed=1'") starts any error."""
+    key, value = split_setting(text, where)
+    return key, parse_value(key, value, where)
+
+
 def parse_override(arg):
-    """'--key=value' -> (key, raw string value)."""
+    """train.py's '--key=value' -> (key, typed value)."""
     if not arg.startswith("--") or "=" not in arg:
         raise ConfigError(f"command-line override {arg!r} must look like --key=value")
-    key, value = arg[2:].split("=", 1)
-    return key.replace("-", "_"), value
-
-
-def _from_string(key, text, where):
-    spec = MODEL_FIELDS.get(key) or TRAIN_FIELDS.get(key)
-    allowed = _allowed_types(spec.type)
-    word = text.strip().lower()
-    if type(None) in allowed and word in ("none", "null"):
-        return None
-    if bool in allowed and word in ("true", "1", "yes", "false", "0", "no"):
-        return word in ("true", "1", "yes")
-    try:
-        number = float(text)
-    except ValueError:
-        number = None
-    if int in allowed and number is not None and number.is_integer():
-        return _check_type(key, int(number), where)  # accepts 480 and 1e5
-    if float in allowed and number is not None:
-        return _check_type(key, number, where)
-    if str in allowed:
-        return _check_type(key, text, where)
-    names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(f"{where}: key {key!r} must be {names}, got {text!r}")
+    return parse_setting(arg[2:], f"override {arg!r}")
 
 
 def load_config(path=None, overrides=()):
     """TrainConfig from a TOML file (or the defaults) plus '--key=value' overrides, validated."""
     values = {k: v for k, (v, _) in read_config_file(path).items()} if path is not None else {}
     for arg in overrides:
-        key, text = parse_override(arg)
-        if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
-            raise _unknown_key(key, f"override {arg!r}")
-        values[key] = _from_string(key, text, f"override {arg!r}")
+        key, value = parse_override(arg)
+        values[key] = value
     return build_config(values, where=str(path) if path else "config")
 
 
@@ -210,6 +271,32 @@ def validate(cfg, where="config"):
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"{where}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg
+
+
+def total_steps(cfg):
+    """The number of optimizer updates: max_steps (the reference loop runs max_steps + 1)."""
+    return cfg.max_steps + 1 if cfg.reference_loop_quirks else cfg.max_steps
+
+
+# Keys that may differ when a run is resumed: they change neither the model nor the data order. (max_steps and
+# lr_decay_steps extend or shorten the schedule from the resumed step on; data_dir may move; the rest is bookkeeping
+# or hardware.)
+RESUMABLE_CHANGES = {"max_steps", "eval_interval", "log_interval", "checkpoint_interval", "keep_last", "keep_every",
+                     "wandb", "wandb_project", "wandb_run_name", "device", "compile", "peak_flops", "out_dir",
+                     "micro_batch_size", "fsdp", "data_dir", "lr_decay_steps", "val_tokens"}
+
+
+def check_resume_config(saved, cfg, where):
+    """A ConfigError unless the resolved config dict `saved` (config.json, a checkpoint's meta) and `cfg` differ
+    only in RESUMABLE_CHANGES. A key that `saved` lacks (written before the key existed) had that key's default."""
+    current = cfg.resolved_dict()
+    defaults = TrainConfig().resolved_dict()
+    was = lambda k: saved.get(k, defaults[k])
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and was(k) != current[k])
+    if changed:
+        detail = ", ".join(f"{k}: {was(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(f"{where} holds a run with a different config ({detail}); use another out_dir or the "
+                          f"same config (only {sorted(RESUMABLE_CHANGES)} may change on resume)")
 
 
 def replace(cfg, **changes):

@@ -6,7 +6,7 @@ Pretrain a GPT with a chosen positional encoding on llm.c-format token shards (d
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \
         --rdzv_id=$JOB_ID train.py configs/large/grape_ap.toml --out_dir=/ckpt/large_grape_ap
 
-Any config key can be overridden with --key=value (config.py lists them).
+Any config key can be overridden with --key=value (config.py lists the keys; config.parse_value reads the values).
 
 One optimizer step consumes global_batch_size sequences of block_size tokens, whatever the number of processes:
 each of the W processes runs A micro-steps of B sequences, W * A * B = global_batch_size, B the largest divisor of
@@ -32,7 +32,6 @@ import resource
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,21 +40,16 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 import mfu
-from config import ConfigError, TrainConfig, load_config
+from config import ConfigError, check_resume_config, load_config, total_steps
 from data.loader import TokenLoader, ValidationSet
+from device import DeviceError, autocast_context, resolve_device
 from model import GPT
 
-# Keys that may differ when a run is resumed: they change neither the model nor the data order. (max_steps and
-# lr_decay_steps extend or shorten the schedule from the resumed step on; data_dir may move; the rest is bookkeeping
-# or hardware.)
-RESUMABLE_CHANGES = {"max_steps", "eval_interval", "log_interval", "checkpoint_interval", "keep_last", "keep_every",
-                     "wandb", "wandb_project", "wandb_run_name", "device", "compile", "peak_flops", "out_dir",
-                     "micro_batch_size", "fsdp", "data_dir", "lr_decay_steps", "val_tokens"}
 EXIT_NONFINITE = 3
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Process group, device, precision
+# Process group (the device and the precision context come from device.py)
 
 
 class Dist:
@@ -66,15 +60,9 @@ class Dist:
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        wanted = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if wanted.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device={cfg.device!r} but CUDA is not available on this machine")
-            self.device = torch.device("cuda", self.local_rank if self.enabled or wanted == "cuda"
-                                       else int(wanted.split(":")[1]))
+        self.device = resolve_device(cfg.device, local_rank=self.local_rank if self.enabled else None)
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         if self.enabled:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
                                     device_id=self.device if self.device.type == "cuda" else None)
@@ -92,13 +80,6 @@ class Dist:
     def close(self):
         if self.enabled:
             dist.destroy_process_group()
-
-
-def autocast_context(cfg, device):
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def print0(d, *args):
@@ -121,11 +102,6 @@ def learning_rate(step, cfg):
         return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.lr_decay_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def total_steps(cfg):
-    """The number of optimizer updates: max_steps (the reference loop runs max_steps + 1)."""
-    return cfg.max_steps + 1 if cfg.reference_loop_quirks else cfg.max_steps
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -231,18 +207,6 @@ def save(d, cfg, step, tokens, raw, optimizer, loader, reason):
     d.barrier()
 
 
-def check_resume_config(saved, cfg, where):
-    """A saved config that lacks a key (written before the key existed) had that key's default."""
-    current = cfg.resolved_dict()
-    defaults = TrainConfig().resolved_dict()
-    was = lambda k: saved.get(k, defaults[k])
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and was(k) != current[k])
-    if changed:
-        detail = ", ".join(f"{k}: {was(k)!r} -> {current[k]!r}" for k in changed)
-        raise ConfigError(f"{where} holds a run with a different config ({detail}); use another out_dir or the "
-                          f"same config (only {sorted(RESUMABLE_CHANGES)} may change on resume)")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -326,7 +290,9 @@ def memory_mb(device):
 
 def format_eta(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -359,7 +325,7 @@ def _train(cfg, d):
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    amp = autocast_context(cfg, d.device)
+    amp = autocast_context(d.device, cfg.dtype)
 
     # ---- the run directory: a new run writes config.json; an existing one must match it
     latest = ckpt.latest_checkpoint(out_dir)
@@ -385,9 +351,7 @@ def _train(cfg, d):
     if latest is not None:
         meta = ckpt.load_meta(latest)
         check_resume_config(meta["config"], cfg, str(latest))
-        model_state = torch.load(latest / "model.pt", map_location="cpu", weights_only=True)
-        optim_state = torch.load(latest / "optimizer.pt", map_location="cpu", weights_only=False)
-        load_state_dicts(raw, optimizer, model_state, optim_state)
+        load_state_dicts(raw, optimizer, *ckpt.load_states(latest))
         loader.load_state_dict(meta["loader"])
         rng = ckpt.load_rank_rng(latest, d.rank) if meta["world_size"] == d.world else None
         if rng is not None:
@@ -477,8 +441,8 @@ def _train(cfg, d):
             metrics.write(dict(event="val", step=step, tokens=tokens, val_loss=last_val))
         signalled = flags[1].item() > 0
         if step % cfg.checkpoint_interval == 0 or last or signalled:
-            save(d, cfg, step, tokens, raw, optimizer, loader,
-                 reason="final" if last else f"signal {stop.received or 'on another rank'}" if signalled else "periodic")
+            reason = "final" if last else f"signal {stop.received or 'on another rank'}" if signalled else "periodic"
+            save(d, cfg, step, tokens, raw, optimizer, loader, reason=reason)
         if signalled and not last:
             print0(d, f"stopping at step {step} after a pre-emption signal; rerun the same command to resume")
             metrics.close()
@@ -496,7 +460,7 @@ def main(argv=None):
     try:
         cfg = load_config(path, argv[1:] if path else argv)
         train(cfg)
-    except ConfigError as e:
+    except (ConfigError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -38,13 +38,14 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from eval.load import CheckpointError, autocast, load_model, set_offline_defaults
+from eval.command import add_model_args, checkpoint_labels, default_label, output_stem, run_command, utc_time
+from eval.command import unique_stem  # noqa: F401  (scripts/report.py imports it from here)
+from eval.load import Checkpoint
 from eval.scoring import token_losses
 
 
@@ -82,7 +83,7 @@ def parse_length(spec, block_size):
 
 
 @torch.no_grad()
-def nonoverlap(model, tokens, L, batch_size, device, dtype):
+def nonoverlap(model, tokens, L, batch_size, device, amp):
     """Per-position mean loss (L,) over the windows of L + 1 tokens at stride L, and the window count."""
     k = (len(tokens) - 1) // L
     if k < 1:
@@ -91,14 +92,14 @@ def nonoverlap(model, tokens, L, batch_size, device, dtype):
     for s in range(0, k, batch_size):
         rows = range(s, min(s + batch_size, k))
         w = torch.from_numpy(np.stack([tokens[r * L:r * L + L + 1] for r in rows])).to(device)
-        with autocast(device, dtype):
+        with amp:
             losses = token_losses(model, w[:, :-1], w[:, 1:])
         total += losses.double().sum(0).cpu()
     return (total / k).numpy(), k
 
 
 @torch.no_grad()
-def sliding(model, tokens, L, stride, batch_size, device, dtype):
+def sliding(model, tokens, L, stride, batch_size, device, amp):
     """(sum of losses, scored tokens): windows of L at stride `stride`, each token scored once (see module doc)."""
     n = len(tokens) - 1  # targets
     if n < L:
@@ -115,7 +116,7 @@ def sliding(model, tokens, L, stride, batch_size, device, dtype):
     for b in range(0, len(jobs), batch_size):
         batch = jobs[b:b + batch_size]
         w = torch.from_numpy(np.stack([tokens[st:st + width + 1] for st, _ in batch])).to(device)
-        with autocast(device, dtype):
+        with amp:
             losses = token_losses(model, w[:, :-1], w[:, 1:])
         for row, (_, first) in enumerate(batch):
             loss_sum += losses[row, first:].double().sum().item()
@@ -124,16 +125,15 @@ def sliding(model, tokens, L, stride, batch_size, device, dtype):
     return loss_sum, count
 
 
-def evaluate_checkpoint(path, lengths, tokens, modes, stride_spec, batch_size, device, dtype, overrides):
-    model, info = load_model(path, device=device, overrides=overrides)
-    T = info["trained_block_size"]
-    out = dict(path=info["path"], step=info["step"], pos_encoding=info["config"]["pos_encoding"],
-               kv_shift=info["config"]["kv_shift"], block_size=T, overrides=info["overrides"], nonoverlap={},
-               sliding={})
+def evaluate_checkpoint(loaded, lengths, tokens, modes, stride_spec, batch_size):
+    """The result entry of one model (eval.load.Loaded): its summary, then both protocols at every length."""
+    model, device, amp = loaded.model, loaded.device, loaded.amp
+    T = loaded.info["trained_block_size"]
+    out = dict(loaded.summary(), nonoverlap={}, sliding={})
     for spec in lengths:
         L = parse_length(spec, T)
         if "nonoverlap" in modes:
-            per_pos, k = nonoverlap(model, tokens, L, batch_size, device, dtype)
+            per_pos, k = nonoverlap(model, tokens, L, batch_size, device, amp)
             loss = float(per_pos.mean())
             blocks = [float(per_pos[i:i + T].mean()) for i in range(0, L, T)]
             out["nonoverlap"][str(L)] = dict(length_spec=spec, loss=loss, ppl=math.exp(loss), windows=k,
@@ -143,12 +143,11 @@ def evaluate_checkpoint(path, lengths, tokens, modes, stride_spec, batch_size, d
         if "sliding" in modes:
             S = parse_length(stride_spec, L) if str(stride_spec).endswith("x") else int(stride_spec)
             S = max(1, min(S, L))
-            total, count = sliding(model, tokens, L, S, batch_size, device, dtype)
+            total, count = sliding(model, tokens, L, S, batch_size, device, amp)
             loss = total / count
             out["sliding"][str(L)] = dict(length_spec=spec, stride=S, loss=loss, ppl=math.exp(loss), tokens=count)
             print(f"  {spec:>5} = {L:6d}  sliding    loss {loss:.4f}  ppl {math.exp(loss):9.2f}  (stride {S})",
                   flush=True)
-    del model
     return out
 
 
@@ -208,21 +207,6 @@ def table(result):
     return "\n".join(lines)
 
 
-def unique_stem(out_dir, stem, suffixes=(".json",)):
-    """out_dir/<stem>[_k] for the first k whose files <name><suffix> are all free; <name><suffixes[0]> is created
-    (empty) exclusively, so concurrent callers never share a name and nothing existing is overwritten."""
-    for k in range(1000):
-        name = stem if k == 0 else f"{stem}_{k}"
-        if any((out_dir / f"{name}{s}").exists() for s in suffixes[1:]):
-            continue
-        try:
-            (out_dir / f"{name}{suffixes[0]}").open("x").close()
-            return out_dir / name
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free result name for {stem} in {out_dir}")
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m eval.extrapolation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,10 +218,7 @@ def parse_args(argv):
     p.add_argument("--data-dir", default="data/shards/sample")
     p.add_argument("--tokens", type=int, default=1 << 20, help="validation tokens used (the same for all lengths)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="GPTConfig override for every checkpoint (repeatable)")
+    add_model_args(p)
     p.add_argument("--override-for", action="append", default=[], metavar="LABEL:KEY=VALUE",
                    help="GPTConfig override for the checkpoint with this label (repeatable)")
     p.add_argument("--rope-scaling", default="", metavar="KIND[,KIND...]",
@@ -249,82 +230,79 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def scaled_variants(path, overrides, kinds, factor, lengths):
-    """[(label suffix, overrides)]: the checkpoint as given, then one entry per RoPE scaling kind when its PE has a
-    RoPE spectrum (the others are listed once, unscaled). factor None: the longest length over the training length."""
-    from eval.load import load_config
-    from model import ROPE_SCALINGS, SCALABLE_ROTARY_PES, split_pos_encoding
+def check_scaling_kinds(kinds):
+    from model import ROPE_SCALINGS
+
+    for kind in kinds:
+        if kind not in ROPE_SCALINGS or kind == "none":
+            raise ValueError(f"--rope-scaling: unknown kind {kind!r}; expected some of {ROPE_SCALINGS[1:]}")
+
+
+def scaled_variants(checkpoint, overrides, kinds, factor, lengths):
+    """[(label suffix, overrides)]: the checkpoint (eval.load.Checkpoint) as given, then one entry per RoPE scaling
+    kind when its PE has a RoPE spectrum (the others are listed once, unscaled). factor None: the longest length
+    over the training length."""
+    from model import SCALABLE_ROTARY_PES, split_pos_encoding
 
     out = [("", overrides)]
     if not kinds:
         return out
-    for kind in kinds:
-        if kind not in ROPE_SCALINGS or kind == "none":
-            raise ValueError(f"--rope-scaling: unknown kind {kind!r}; expected some of {ROPE_SCALINGS[1:]}")
-    _, cfg, _ = load_config(path, overrides)
+    cfg = checkpoint.model_config(overrides)
     if split_pos_encoding(cfg.pos_encoding)[0] not in SCALABLE_ROTARY_PES:
-        print(f"{path}: {cfg.pos_encoding} has no RoPE spectrum; --rope-scaling does not apply", file=sys.stderr)
+        print(f"{checkpoint.path}: {cfg.pos_encoding} has no RoPE spectrum; --rope-scaling does not apply",
+              file=sys.stderr)
         return out
     s = factor or max(1.0, max(parse_length(x, cfg.block_size) for x in lengths) / cfg.block_size)
     for kind in kinds:
-        extra = [f"rope_scaling={kind}", f"rope_scaling_factor={s}"]
-        out.append((f"+{kind}", overrides + extra))
+        out.append((f"+{kind}", overrides + [f"rope_scaling={kind}", f"rope_scaling_factor={s}"]))
     return out
 
 
-def run(args):
-    from eval.load import resolve_checkpoint, resolve_device
-
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not set(modes) <= {"nonoverlap", "sliding"} or not modes:
-        raise ValueError(f"--modes must be nonoverlap and/or sliding, got {args.modes!r}")
-    labels = args.label.split(",") if args.label else [None] * len(args.checkpoint)
-    if len(labels) != len(args.checkpoint):
-        raise ValueError(f"--label has {len(labels)} names for {len(args.checkpoint)} checkpoints")
-    per_label = {}
+def override_lists(args, labels):
+    """{label: the overrides of the checkpoint so labelled}: --override for all, then its own --override-for."""
+    per_label = {label: list(args.override) for label in labels}
     for item in args.override_for:
         label, _, kv = item.partition(":")
         if label not in labels:
             raise ValueError(f"--override-for {item!r}: no checkpoint labelled {label!r} (labels: {labels})")
-        per_label.setdefault(label, []).append(kv)
+        per_label[label].append(kv)
+    return per_label
+
+
+def run(args):
+    """Evaluate every checkpoint (and its scaled variants); write <stem>.json and .png; (result, [those files])."""
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"nonoverlap", "sliding"} or not modes:
+        raise ValueError(f"--modes must be nonoverlap and/or sliding, got {args.modes!r}")
+    labels = checkpoint_labels(args.label, args.checkpoint)
+    per_label = override_lists(args, labels)
+    kinds = [k.strip() for k in args.rope_scaling.split(",") if k.strip()]
+    check_scaling_kinds(kinds)
     lengths = [s for s in args.lengths.split(",") if s.strip()]
     tokens, shard = validation_tokens(args.data_dir, args.tokens)
-    device = resolve_device(args.device)
     result = dict(data=str(Path(shard).resolve()), tokens=int(len(tokens)), lengths=lengths, modes=modes,
-                  stride=args.stride, dtype=args.dtype, time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  checkpoints=[])
-    kinds = [k.strip() for k in args.rope_scaling.split(",") if k.strip()]
+                  stride=args.stride, dtype=args.dtype, time_utc=utc_time(), checkpoints=[])
     jobs = []
     for path, label in zip(args.checkpoint, labels):
-        overrides = args.override + per_label.get(label, [])
-        for suffix, extra in scaled_variants(path, overrides, kinds, args.rope_scaling_factor, lengths):
-            jobs.append((path, label, suffix, extra))
-    for path, label, suffix, overrides in jobs:
+        checkpoint = Checkpoint(path)
+        for suffix, overrides in scaled_variants(checkpoint, per_label[label], kinds, args.rope_scaling_factor,
+                                                 lengths):
+            jobs.append((checkpoint, path, label, suffix, overrides))
+    for checkpoint, path, label, suffix, overrides in jobs:
         print(f"{path}" + (f" [{label}]" if label else "") + (f" overrides {overrides}" if overrides else ""))
-        run_ = evaluate_checkpoint(path, lengths, tokens, modes, args.stride, args.batch_size, device, args.dtype,
-                                   overrides)
-        default = f"{run_['pos_encoding']}{'+kv_shift' if run_['kv_shift'] else ''} @ {run_['step']}"
-        run_["label"] = (label or default) + suffix
-        result["checkpoints"].append(run_)
-    out_dir = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint[0]).parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = unique_stem(out_dir, "extrapolation_" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        loaded = checkpoint.load(overrides, args.device, args.dtype)
+        entry = evaluate_checkpoint(loaded, lengths, tokens, modes, args.stride, args.batch_size)
+        del loaded
+        entry["label"] = (label or default_label(entry)) + suffix
+        result["checkpoints"].append(entry)
+    stem = output_stem(args.out, jobs[0][0].path, "extrapolation")
     stem.with_suffix(".json").write_text(json.dumps(result))
     plot(result, stem.with_suffix(".png"))
-    return result, stem
+    return result, [stem.with_suffix(".json"), stem.with_suffix(".png")]
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    set_offline_defaults()
-    try:
-        result, stem = run(args)
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(table(result))
-    print(f"wrote {stem}.json\n      {stem}.png")
-    return 0
+    return run_command(parse_args, run, table, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Model arguments (also `--model_args key=value,...`):
                  left-truncated to it. PEs that extrapolate can be given more, e.g. max_length=8192.
     prefix_eot   true (default) | false: whether every request's context starts with EOT (50256)
     max_gen_toks default generation budget when a task does not set one (256)
-    any GPTConfig field, e.g. rope_base=20000: a config override applied at load time (eval.load)
+    any GPTConfig field, e.g. rope_base=20000: a config override applied at load time (eval.load; the values are
+                 read as train.py reads --key=value, config.parse_value)
 
 Token layout (GPT-2 has no BOS; training documents are [EOT] + text, so EOT is what a document starts with):
     * loglikelihood(context, continuation): lm-eval's TemplateLM splits the pair (trailing spaces of the context move
@@ -47,7 +48,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
-from eval.load import CheckpointError, autocast, load_model, parse_overrides, resolve_device
+from eval.load import CheckpointError, load, model_overrides, ready
 from eval.scoring import final_hidden_states, head_logits
 
 EOT_TEXT = "<|endoftext|>"
@@ -69,30 +70,26 @@ class GrapeLM(TemplateLM):
                  prefix_eot=True, max_gen_toks=256, max_batch_size=None, overrides=None, **kwargs):
         super().__init__()
         # max_batch_size is accepted because lm-eval's CLI passes it to every model; batches here have a fixed size.
-        # Any other keyword is a GPTConfig override; parse_overrides names the valid fields if one is unknown.
-        overrides = {**parse_overrides(overrides), **parse_overrides({k: v for k, v in kwargs.items()})}
+        # Any other keyword is a GPTConfig override; model_overrides names the valid keys if one is unknown.
+        overrides = {**model_overrides(overrides), **model_overrides(kwargs)}
         if model is None:
             if checkpoint is None:
                 raise ValueError("GrapeLM needs checkpoint=PATH (a ckpt_* or run directory) or model=<GPT>")
-            model, self.info = load_model(checkpoint, device=device, overrides=overrides)
+            loaded = load(checkpoint, overrides, device, dtype)
         else:
             if overrides:
                 raise ValueError("config overrides need checkpoint=PATH (an in-memory model is used as it is)")
-            model = model.eval().requires_grad_(False)
-            self.info = dict(path=None, config=model.config.to_dict())
-        if model.config.vocab_size < GPT2_N_VOCAB:
-            raise CheckpointError(f"{self.info.get('path') or 'the model'}: vocab_size {model.config.vocab_size} is "
-                                  f"smaller than GPT-2's {GPT2_N_VOCAB:,} tokens, so it was trained on another "
+            loaded = ready(model, device, dtype)
+        self.info = loaded.info
+        if loaded.config.vocab_size < GPT2_N_VOCAB:
+            raise CheckpointError(f"{self.info.get('path') or 'the model'}: vocab_size {loaded.config.vocab_size} "
+                                  f"is smaller than GPT-2's {GPT2_N_VOCAB:,} tokens, so it was trained on another "
                                   f"tokenizer (e.g. data/fineweb_edu.py --tokenizer bytes); the tasks are scored "
                                   f"in GPT-2 tokens")
-        self.model = model
-        self._device = next(model.parameters()).device if device in (None, "auto") else resolve_device(device)
-        if next(model.parameters()).device != self._device:
-            self.model = model.to(self._device)
+        self.model, self._device, self.amp = loaded.model, loaded.device, loaded.amp
         self.dtype = dtype
-        autocast(self._device, dtype)  # validates dtype
         self._batch_size = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
-        self._max_length = int(max_length) if max_length else model.config.block_size
+        self._max_length = int(max_length) if max_length else loaded.config.block_size
         self.prefix_eot = _as_bool(prefix_eot)
         self.max_gen_toks = int(max_gen_toks)
         self.tokenizer_enc = gpt2_encoding()
@@ -200,7 +197,7 @@ class GrapeLM(TemplateLM):
         x = torch.zeros(len(inputs), width, dtype=torch.long)
         for row, inp in enumerate(inputs):
             x[row, :len(inp)] = torch.tensor(inp)
-        with autocast(self.device, self.dtype), final_hidden_states(self.model) as store:
+        with self.amp, final_hidden_states(self.model) as store:
             self.model(x.to(self.device))  # projects only the last position; the hook keeps every hidden state
             answers = []
             for row, ((start, end), (_, cont)) in enumerate(zip(spans, pairs)):
@@ -217,12 +214,13 @@ class GrapeLM(TemplateLM):
         """Greedy continuation of `context` through the KV cache, cut before the first stop string."""
         max_ctx = self.max_length - max_gen_toks
         if max_ctx <= 0:
-            raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context in max_length={self.max_length}")
+            raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context in "
+                             f"max_length={self.max_length}")
         ids = self.tok_encode(context)[-max_ctx:]
         cache = self.model.new_cache()
         generated = []
         x = torch.tensor([ids], device=self.device)
-        with autocast(self.device, self.dtype):
+        with self.amp:
             for _ in range(max_gen_toks):
                 logits, _ = self.model(x, cache=cache)
                 next_id = int(logits[0, -1, :GPT2_N_VOCAB].argmax())  # rows past 50256 pad the vocabulary

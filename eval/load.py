@@ -1,36 +1,37 @@
 """
-Load a training checkpoint for evaluation.
+Evaluation's one route from a checkpoint to a model ready to score:
 
-A checkpoint is a directory written by train.py (checkpoint.py): `ckpt_NNNNNNN/{model.pt, meta.json, ...}` where
-meta.json["config"] is the flat resolved config (GPTConfig fields + training fields). A *run* directory (a training
-out_dir) stands for its newest complete checkpoint. Everything that can be wrong is reported as one
-`CheckpointError` naming the path: no checkpoint there, a missing file, a config the current model code does not
-accept (a renamed or removed field), weights that do not fit the config.
+    loaded = load("out/medium_rope", overrides=["block_size=8192"], device="auto", dtype="float32")
+    with loaded.amp:
+        logits, _ = loaded.model(idx.to(loaded.device))
 
-Config overrides change GPTConfig fields at load time without touching the weights, e.g. `block_size=8192` or the
+`load` returns a `Loaded`: the model (eval mode, no gradients, on its device), its GPTConfig (overrides applied),
+the torch device, the precision context (device.py) and `info` (path, step, tokens, config as a dict, overrides,
+trained_block_size). The checkpoint is a ckpt_* directory written by train.py or checkpoint.save_model_only, or a
+run directory standing for its newest complete checkpoint (checkpoint.py reads the files). `Checkpoint(path)` reads
+meta.json once and can build several models from it (`Checkpoint.load`), e.g. the same weights under several RoPE
+scalings. Everything that can be wrong with a checkpoint is one CheckpointError naming the path: no checkpoint there,
+a missing file, a config the current model code does not accept (a renamed or removed field), weights that do not
+fit the config.
+
+Overrides change model (GPTConfig) keys at load time without touching the weights, e.g. `block_size=8192` or the
 inference-time RoPE scalings (`rope_scaling=yarn`, `rope_scaling_factor=4`); `train_length` is pinned to the
-checkpoint's training length, so that RoPE-ID and the scalings keep referring to it. They are given as "key=value" strings and
-typed from the field's declared type; only GPTConfig fields can be overridden (training fields mean nothing here).
+checkpoint's training length, so that RoPE-ID and the scalings keep referring to it. They are "key=value" strings
+(or a {key: value} dict), read by config.parse_value as train.py reads its command line; training keys mean nothing
+here and are refused.
 """
 
-import dataclasses
-import difflib
-import json
 import os
-import types
-import typing
-from contextlib import nullcontext
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-import checkpoint as ckpt
-from config import ConfigError, build_config
-from model import GPT, GPTConfig
+from checkpoint import CheckpointError, load_meta, load_states, resolve_checkpoint, save_model_only
+from config import MODEL_FIELDS, ConfigError, build_config, parse_setting
+from device import autocast_context, resolve_device
+from model import GPT
 
-
-class CheckpointError(ValueError):
-    pass
+save_checkpoint = save_model_only  # checkpoint.py's writer, under the name scripts and tests import from here
 
 
 def set_offline_defaults():
@@ -41,143 +42,98 @@ def set_offline_defaults():
         os.environ.setdefault(name, "1")
 
 
-def resolve_checkpoint(path):
-    """The checkpoint directory for `path`: itself if it holds meta.json + model.pt, else the newest ckpt_* in it."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a directory (expected a ckpt_* directory or a run directory)")
-    if (path / "meta.json").exists() or (path / "model.pt").exists():
-        for name in ("meta.json", "model.pt"):
-            if not (path / name).is_file():
-                raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"no checkpoint in {path}: expected a ckpt_* directory (with model.pt and meta.json) "
-                              f"or a run directory containing ckpt_* directories")
-    return resolve_checkpoint(latest)
-
-
-def _field_types(annotation):
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return typing.get_args(annotation)
-    return (annotation,)
-
-
-def parse_overrides(items):
-    """["key=value", ...] or {key: value} -> {key: typed value} for GPTConfig fields (bool, int, float, str, None)."""
+def model_overrides(items):
+    """["key=value", ...] or {key: value} -> {key: typed value} of model keys (config.parse_value types them)."""
     if isinstance(items, dict):
         items = [f"{k}={v}" for k, v in items.items()]
-    model_fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
     out = {}
     for item in items or ():
-        if "=" not in item:
-            raise CheckpointError(f"config override {item!r} must look like key=value")
-        key, text = (s.strip() for s in item.split("=", 1))
-        if key not in model_fields:
-            close = difflib.get_close_matches(key, model_fields, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise CheckpointError(f"config override {item!r}: {key!r} is not a model config field{hint}; "
-                                  f"fields: {', '.join(model_fields)}")
-        allowed = _field_types(model_fields[key].type)
-        word = text.lower()
-        if type(None) in allowed and word in ("none", "null"):
-            value = None
-        elif bool in allowed:
-            if word not in ("true", "false", "1", "0", "yes", "no"):
-                raise CheckpointError(f"config override {item!r}: {key} is a bool (true/false)")
-            value = word in ("true", "1", "yes")
-        elif int in allowed and text.lstrip("-").isdigit():
-            value = int(text)
-        elif float in allowed:
-            try:
-                value = float(text)
-            except ValueError:
-                raise CheckpointError(f"config override {item!r}: {key} is a number") from None
-        elif str in allowed:
-            value = text
-        else:
-            raise CheckpointError(f"config override {item!r}: cannot parse {text!r} as {allowed}")
+        where = f"config override {item!r}"
+        try:
+            key, value = parse_setting(item, where)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        if key not in MODEL_FIELDS:
+            raise CheckpointError(f"{where}: {key!r} is a training key, not a model config field; model keys: "
+                                  f"{', '.join(MODEL_FIELDS)}")
         out[key] = value
     return out
 
 
-def load_config(path, overrides=None):
-    """(checkpoint dir, GPTConfig, meta) for a checkpoint or run directory, with overrides applied."""
-    path = resolve_checkpoint(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path}: meta.json is not valid JSON ({e})") from None
-    if "config" not in meta:
-        raise CheckpointError(f"checkpoint {path}: meta.json has no 'config' entry")
-    values = {**meta["config"], **parse_overrides(overrides)}
-    # the length the PEs were trained at stays the checkpoint's, whatever block_size an evaluation asks for
-    values["train_length"] = meta["config"].get("train_length") or meta["config"].get("block_size", 0)
-    try:
-        cfg = build_config(values, where=str(path / "meta.json")).model
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {path} is not compatible with this model code: {e}") from None
-    return path, cfg, meta
+@dataclass
+class Loaded:
+    model: GPT
+    config: object  # model.GPTConfig, overrides applied
+    device: torch.device
+    amp: object  # the precision context: `with loaded.amp:` around every forward
+    info: dict
+
+    def summary(self):
+        """What an evaluation result records about its model, in this order."""
+        return dict(path=self.info["path"], step=self.info["step"], pos_encoding=self.config.pos_encoding,
+                    kv_shift=self.config.kv_shift, block_size=self.info["trained_block_size"],
+                    overrides=self.info["overrides"])
+
+
+def ready(model, device="auto", dtype="float32", info=None):
+    """An in-memory model as `load` returns a checkpoint's: in eval mode without gradients, on `device` (auto: where
+    its parameters are), with the precision context for `dtype`."""
+    device = next(model.parameters()).device if device in (None, "auto") else resolve_device(device)
+    amp = autocast_context(device, dtype)
+    model = model.to(device).eval().requires_grad_(False)
+    return Loaded(model=model, config=model.config, device=device, amp=amp,
+                  info=info or dict(path=None, config=model.config.to_dict()))
+
+
+class Checkpoint:
+    """One checkpoint directory (a run directory: its newest checkpoint) with its meta.json, read once."""
+
+    def __init__(self, path):
+        self.path = resolve_checkpoint(path)
+        self.meta = load_meta(self.path)
+        if "config" not in self.meta:
+            raise CheckpointError(f"checkpoint {self.path}: meta.json has no 'config' entry")
+
+    def model_config(self, overrides=None):
+        """The GPTConfig of the checkpoint with `overrides` (strings or a dict, see model_overrides) applied."""
+        return self._config(model_overrides(overrides))
+
+    def _config(self, overrides):
+        saved = self.meta["config"]
+        values = {**saved, **overrides}
+        # the length the PEs were trained at stays the checkpoint's, whatever block_size an evaluation asks for
+        values["train_length"] = saved.get("train_length") or saved.get("block_size", 0)
+        try:
+            return build_config(values, where=str(self.path / "meta.json")).model
+        except ConfigError as e:
+            raise CheckpointError(f"checkpoint {self.path} is not compatible with this model code: {e}") from None
+
+    def load(self, overrides=None, device="auto", dtype="float32"):
+        """The checkpoint's weights in a model built from its config with `overrides`, ready on `device`."""
+        overrides = model_overrides(overrides)
+        cfg = self._config(overrides)
+        device = resolve_device(device)
+        state, _ = load_states(self.path, optimizer=False)
+        with torch.device(device):
+            model = GPT(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and "transformer.wte.weight" in state)]  # tied
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {self.path}: weights do not fit the config (pos_encoding="
+                                  f"{cfg.pos_encoding!r}); missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                                  f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        info = dict(path=str(self.path), step=self.meta.get("step"), tokens=self.meta.get("tokens"),
+                    config=cfg.to_dict(), overrides=overrides,
+                    trained_block_size=self.meta["config"].get("block_size", cfg.block_size))
+        return ready(model, device, dtype, info)
+
+
+def load(path, overrides=None, device="auto", dtype="float32"):
+    """The model of the checkpoint or run directory `path`, ready to evaluate (see the module docstring)."""
+    return Checkpoint(path).load(overrides, device, dtype)
 
 
 def load_model(path, device="cpu", overrides=None):
-    """(model in eval mode without gradients, info) for a checkpoint or run directory. info: path, step, tokens,
-    config (the GPTConfig as a dict, overrides applied), overrides, trained_block_size (before overrides)."""
-    path, cfg, meta = load_config(path, overrides)
-    device = resolve_device(device)
-    try:
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"checkpoint {path}: cannot read model.pt ({type(e).__name__}: {e})") from None
-    # torch.compile / DDP wrappers prefix parameter names; the weights are the same.
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
-    with torch.device(device):
-        model = GPT(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and "transformer.wte.weight" in state)]  # tied
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit the config (pos_encoding={cfg.pos_encoding!r}); "
-                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                              f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
-    model.eval().requires_grad_(False)
-    info = dict(path=str(path), step=meta.get("step"), tokens=meta.get("tokens"), config=cfg.to_dict(),
-                overrides=parse_overrides(overrides),
-                trained_block_size=meta["config"].get("block_size", cfg.block_size))
-    return model, info
-
-
-def save_checkpoint(model, out_dir, step=0, tokens=0, extra_config=None):
-    """Write `model` as out_dir/ckpt_NNNNNNN/{model.pt, meta.json} in train.py's layout (no optimizer or RNG state),
-    e.g. to evaluate a model built in Python. meta.json["config"] is the GPTConfig plus `extra_config` training keys.
-    Returns the checkpoint directory."""
-    path = Path(out_dir) / ckpt.checkpoint_name(step)
-    path.mkdir(parents=True, exist_ok=False)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path / "model.pt")
-    meta = dict(step=step, tokens=tokens, config={**model.config.to_dict(), **(extra_config or {})})
-    (path / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    return path
-
-
-def resolve_device(device):
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} requested but CUDA is not available")
-    return device
-
-
-def autocast(device, dtype):
-    """The precision context: dtype 'float32' runs in fp32; 'bfloat16' autocasts matmuls to bf16 (as training did
-    on CUDA); 'auto' is bfloat16 on CUDA and float32 elsewhere. The model returns fp32 logits either way."""
-    device = torch.device(device)
-    if dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """(model, info) of `load`, for callers that need no precision context."""
+    loaded = load(path, overrides, device)
+    return loaded.model, loaded.info

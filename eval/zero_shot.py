@@ -31,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval.load import CheckpointError, set_offline_defaults
+from eval.command import add_model_args, output_stem, run_command, utc_time
 from eval.tasks import resolve_task_names
-
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.zero_shot", description=__doc__,
@@ -46,12 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--source", choices=("auto", "local", "hub"), default="auto")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (for quick checks)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"))
+    add_model_args(p, override_help="GPTConfig field override at load time (repeatable)")
     p.add_argument("--max-length", type=int, default=None, help="default: the checkpoint's block_size")
     p.add_argument("--no-prefix-eot", action="store_true", help="do not start every context with EOT")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="GPTConfig field override at load time (repeatable)")
     p.add_argument("--out-dir", default=None, help="default: <run dir>/eval")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
@@ -145,7 +140,7 @@ def _evaluate(args, lm, tasks, source, data_dir, scratch):
         source=source, data_dir=str(Path(data_dir).resolve()) if source == "local" else None, limit=args.limit,
         num_fewshot=0, max_length=lm.max_length, prefix_eot=lm.prefix_eot, dtype=lm.dtype, batch_size=lm.batch_size,
         lm_eval_version=_version("lm_eval"), seconds=round(time.time() - started, 1),
-        time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), tasks=scores)
+        time_utc=utc_time(), tasks=scores)
 
 
 def _version(package):
@@ -222,36 +217,22 @@ def markdown(records):
 
 def write_results(record, out_dir=None):
     """<out_dir or run dir/eval>/<ckpt>_zero_shot_<time>[_k].{json,md}, created exclusively (never overwritten)."""
-    ckpt = Path(record["checkpoint"])
-    out_dir = Path(out_dir) if out_dir else ckpt.parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{ckpt.name}_zero_shot_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    for k in range(1000):
-        name = stem if k == 0 else f"{stem}_{k}"
-        try:
-            with open(out_dir / f"{name}.json", "x") as f:
-                json.dump(record, f, indent=1)
-        except FileExistsError:
-            continue
-        (out_dir / f"{name}.md").write_text(markdown([record]))
-        return out_dir / f"{name}.json", out_dir / f"{name}.md"
-    raise RuntimeError(f"could not find a free result name for {stem} in {out_dir}")
+    checkpoint = Path(record["checkpoint"])
+    stem = output_stem(out_dir, checkpoint, f"{checkpoint.name}_zero_shot", (".json", ".md"))
+    json_path, md_path = Path(f"{stem}.json"), Path(f"{stem}.md")
+    json_path.write_text(json.dumps(record, indent=1))
+    md_path.write_text(markdown([record]))
+    return json_path, md_path
+
+
+def run_and_write(args):
+    """run(args), then write_results: (the record, [its JSON, its markdown])."""
+    record = run(args)
+    return record, write_results(record, args.out_dir)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    set_offline_defaults()
-    from eval.tasks import TaskDataError
-
-    try:
-        record = run(args)
-    except (CheckpointError, TaskDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    json_path, md_path = write_results(record, args.out_dir)
-    print(markdown([record]))
-    print(f"wrote {json_path}\n      {md_path}")
-    return 0
+    return run_command(parse_args, run_and_write, lambda record: markdown([record]), argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ A run's zero-shot and extrapolation results are the newest outputs for its highe
 extrapolation, the entry without evaluation-time overrides when there is one).
 
 Groups: runs that differ only in seed and data_seed, and in keys that do not change what is computed
-(train.RESUMABLE_CHANGES other than max_steps, lr_decay_steps, data_dir and val_tokens), form one group; tables
+(config.RESUMABLE_CHANGES other than max_steps, lr_decay_steps, data_dir and val_tokens), form one group; tables
 report a group's mean and sample standard deviation (n - 1 in the denominator) over its runs.
 """
 
@@ -22,8 +22,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config import build_config
-from train import RESUMABLE_CHANGES, total_steps
+from config import RESUMABLE_CHANGES, build_config, total_steps
 
 NOT_GROUPED_BY = {"seed", "data_seed"} | (RESUMABLE_CHANGES - {"max_steps", "lr_decay_steps", "data_dir",
                                                                "val_tokens"})
@@ -45,7 +44,7 @@ class RunResult:
 
     @property
     def finished(self):
-        """Trained to its last step: train.total_steps of its config, the test train.py itself applies."""
+        """Trained to its last step: config.total_steps of its config, the test train.py itself applies."""
         total = total_steps(build_config(self.config, where=str(self.path / "config.json")))
         return bool(self.train) and self.train[-1]["step"] >= total
 

@@ -54,13 +54,12 @@ import fnmatch
 import io
 import itertools
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import checkpoint as ckpt
-from config import MODEL_FIELDS, TRAIN_FIELDS, ConfigError, build_config, load_config, read_config_file, read_toml
-from train import total_steps
+from config import (MODEL_FIELDS, TRAIN_FIELDS, ConfigError, build_config, load_config, parse_value, read_config_file,
+                    read_toml, split_setting, toml_literal, total_steps)
 
 REPO = Path(__file__).resolve().parent.parent
 SELECTORS = ("size", "config")  # grid keys that choose the base config (not config keys)
@@ -422,15 +421,20 @@ def select(names, only):
 
 
 def parse_setting(text):
-    """'key=value' (a command-line --set) -> (key, value): the value read as TOML (10, 1e-3, true, "x"), or as a
-    plain string when it is not TOML (a path)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise SpecError(f"--set {text!r} must look like key=value")
+    """'key=value' (a command-line --set) -> (key, value). A config key's value is read by config.parse_value, as
+    train.py reads it; a TOML list ([1, 2], ["rope", "alibi"]) is a list of values, as in the spec file (an axis);
+    size and config take a name or path (quoted or not), or a list of them."""
+    where = f"--set {text!r}"
     try:
-        return key.strip(), tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key.strip(), value
+        key, value = split_setting(text, where)
+        literal = toml_literal(value.strip())
+        if isinstance(literal, list):
+            return key, literal
+        if key in SELECTORS:
+            return key, literal if isinstance(literal, str) else value.strip()
+        return key, parse_value(key, value, where)
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
 
 
 def apply_settings(raw, settings):

@@ -2,14 +2,14 @@
 What a run directory holds, read only from the files that train.py and the evaluations write:
 
     training       the newest complete ckpt_* (checkpoint.list_checkpoints) and its meta.json (step, reason, time);
-                   finished when its step reaches train.total_steps(config), the test train.py itself applies
+                   finished when its step reaches config.total_steps(config), the test train.py itself applies
     zero_shot      eval/<final checkpoint>_zero_shot_*.json (eval/zero_shot.py), valid JSON
     extrapolation  eval/extrapolation_*.json (eval/extrapolation.py) holding the final checkpoint of this run,
                    evaluated at the lengths asked for
 
 A run is done when training is finished and each chained evaluation is. An output that is not valid JSON does not
 count (eval/extrapolation.py claims its file name before it computes, so a killed evaluation leaves an empty one).
-A run directory that holds a run with another config (train.check_resume_config: only max_steps, intervals, device
+A run directory that holds a run with another config (config.check_resume_config: only max_steps, intervals, device
 and the like may change) is a conflict: the sweep refuses it instead of launching train.py into it.
 
 Before a launch the sweep writes two files into the run directory: config.json (the resolved config, as train.py
@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoint as ckpt
-from config import ConfigError
-from train import check_resume_config
+from config import ConfigError, check_resume_config
 
 EXIT_FINISHED, EXIT_OTHER, EXIT_TIME_LIMIT, EXIT_TERMINATED = 0, 1, 3, 4
 

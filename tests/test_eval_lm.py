@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval  # noqa: F401  (repository root on sys.path)
+from checkpoint import CheckpointError, save_model_only
 from data.tokenizer import EOT, gpt2_encoding
 from eval.lm import GrapeLM
-from eval.load import CheckpointError, load_model, save_checkpoint
+from eval.load import load_model
 from lm_eval.api.instance import Instance
 from model import GPT, GPTConfig
 
@@ -39,7 +39,7 @@ def ckpt(tmp_path_factory):
         for p in model.parameters():
             if p.dim() == 1:
                 p.normal_(1.0, 0.3)
-    return save_checkpoint(model, tmp_path_factory.mktemp("run"), step=7)
+    return save_model_only(model, tmp_path_factory.mktemp("run"), step=7)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_batch_size_does_not_change_results(ckpt, tmp_path, pe, kv_shift):
     """Right-padding inside a batch and the length-sorted order change nothing, for rotary and additive PEs."""
     if pe != "rope":
         torch.manual_seed(1)
-        ckpt = save_checkpoint(GPT(GPTConfig(**TINY, pos_encoding=pe, kv_shift=kv_shift)), tmp_path / pe, step=1)
+        ckpt = save_model_only(GPT(GPTConfig(**TINY, pos_encoding=pe, kv_shift=kv_shift)), tmp_path / pe, step=1)
     results = [GrapeLM(checkpoint=str(ckpt), device="cpu", batch_size=bs).loglikelihood(requests(PAIRS), True)
                for bs in (1, 3, 16)]
     for other in results[1:]:
@@ -186,8 +186,12 @@ def test_generate_until_is_greedy_with_stop_sequences(lm):
 def test_overrides_reach_the_config(ckpt):
     lm = GrapeLM(checkpoint=str(ckpt), device="cpu", rope_base=500.0)
     assert lm.model.config.rope_base == 500.0 and lm.info["overrides"] == {"rope_base": 500.0}
-    with pytest.raises(CheckpointError, match="not a model config field"):
+    with pytest.raises(CheckpointError, match="unknown key 'rope_bse'; did you mean 'rope_base'"):
         GrapeLM(checkpoint=str(ckpt), device="cpu", rope_bse=500.0)
+    with pytest.raises(CheckpointError, match="'learning_rate' is a training key, not a model config field"):
+        GrapeLM(checkpoint=str(ckpt), device="cpu", overrides=["learning_rate=1e-3"])
+    with pytest.raises(CheckpointError, match="config override 'rope_base=fast': key 'rope_base' must be float"):
+        GrapeLM(checkpoint=str(ckpt), device="cpu", overrides=["rope_base=fast"])
 
 
 def test_run_directory_means_newest_checkpoint(ckpt):

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval  # noqa: F401
 import eval.passkey as passkey
+from checkpoint import save_model_only
 from data import shards
 from data.tokenizer import EOT, gpt2_encoding
+from device import autocast_context
 from eval import extrapolation
-from eval.load import save_checkpoint
+from eval.load import load_model
 from eval.scoring import token_losses
 from model import GPT, GPTConfig
 
@@ -28,7 +29,7 @@ TEXT = ("The history of the region is long and varied. Farmers settled the river
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("long")
     torch.manual_seed(0)
-    ckpts = [save_checkpoint(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, head_dim=16, block_size=32,
+    ckpts = [save_model_only(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, head_dim=16, block_size=32,
                                            pos_encoding=pe)), root / pe, step=2) for pe in ("rope", "alibi")]
     data = root / "shards"
     data.mkdir()
@@ -39,7 +40,6 @@ def setup(tmp_path_factory):
 
 def test_token_losses_equal_direct_cross_entropy(setup):
     ckpts, _, tokens = setup
-    from eval.load import load_model
     model, _ = load_model(ckpts[1])
     x = torch.from_numpy(tokens[:97]).view(1, -1)
     logits, _ = model(x[:, :-1], x[:, 1:])
@@ -49,12 +49,12 @@ def test_token_losses_equal_direct_cross_entropy(setup):
 
 def test_protocols_score_every_token_once(setup):
     ckpts, _, tokens = setup
-    from eval.load import load_model
     model, _ = load_model(ckpts[0])
     dev = torch.device("cpu")
+    fp32 = autocast_context(dev, "float32")
     L, k = 64, 4
     span = tokens[:k * L + 1]
-    per_pos, windows = extrapolation.nonoverlap(model, span, L, 3, dev, "float32")
+    per_pos, windows = extrapolation.nonoverlap(model, span, L, 3, dev, fp32)
     assert windows == k and per_pos.shape == (L,)
     x = torch.from_numpy(span[:-1]).view(k, L)
     y = torch.from_numpy(span[1:]).view(k, L)
@@ -62,11 +62,11 @@ def test_protocols_score_every_token_once(setup):
     direct = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, L).mean(0)
     assert np.allclose(per_pos, direct.numpy(), atol=1e-5)
     # sliding with stride L on k whole windows is the same computation
-    total, count = extrapolation.sliding(model, span, L, L, 2, dev, "float32")
+    total, count = extrapolation.sliding(model, span, L, L, 2, dev, fp32)
     assert count == k * L and total / count == pytest.approx(float(per_pos.mean()), abs=1e-5)
     # any stride scores each of the n targets exactly once (sliding asserts the count)
     for stride in (5, 40):
-        _, count = extrapolation.sliding(model, tokens[:101], L, stride, 8, dev, "float32")
+        _, count = extrapolation.sliding(model, tokens[:101], L, stride, 8, dev, fp32)
         assert count == 100
 
 
@@ -160,7 +160,7 @@ def test_passkey_cli_writes_json_and_png_and_scores_a_correct_answer(setup, tmp_
 
     enc = gpt2_encoding()
 
-    def oracle(model, prompts, device, dtype, max_new_tokens=8):  # reads the key from the prompt
+    def oracle(model, prompts, device, amp, max_new_tokens=8):  # reads the key from the prompt
         return [enc.encode(" " + re.search(r"pass key is (\d+)", enc.decode(p[1:])).group(1) + ".") for p in prompts]
 
     monkeypatch.setattr(passkey, "greedy_continue", oracle)

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval  # noqa: F401
+from checkpoint import save_model_only
 from eval import tasks as T
 from eval import zero_shot
-from eval.load import save_checkpoint
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +44,7 @@ def data_dir(tmp_path_factory):
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, head_dim=16, block_size=128))
-    return save_checkpoint(model, tmp_path_factory.mktemp("run"), step=4)
+    return save_model_only(model, tmp_path_factory.mktemp("run"), step=4)
 
 
 def test_local_yamls_are_lm_evals_tasks_with_local_data(data_dir):
@@ -99,7 +98,7 @@ def test_uniform_model_scores_exactly_chance(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    ckpt = save_checkpoint(model, tmp_path / "run", step=1)
+    ckpt = save_model_only(model, tmp_path / "run", step=1)
     rows = [{"q": f"Question {i}: which animal?", "choices": [" cat", " dog", " cow", " pig"], "gold": i % 4}
             for i in range(8)]
     with gzip.open(tmp_path / "animals.jsonl.gz", "wt") as f:
@@ -284,6 +283,6 @@ def test_zero_shot_table_labels_models_at_chance():
 def test_a_byte_level_checkpoint_is_refused_by_name(data_dir, tmp_path, capsys):
     """A model trained on --tokenizer bytes (vocabulary 320) cannot score GPT-2 tokens: a clear error, exit 2."""
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, head_dim=16, block_size=64, vocab_size=320))
-    ckpt = save_checkpoint(model, tmp_path / "bytes_run", step=3)
+    ckpt = save_model_only(model, tmp_path / "bytes_run", step=3)
     assert zero_shot.main(["--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--limit", "2"]) == 2
     assert f"{ckpt}: vocab_size 320 is smaller than GPT-2's 50,257 tokens" in capsys.readouterr().err

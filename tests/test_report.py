@@ -2,7 +2,6 @@
 error (zero-shot), bold only for a difference larger than its noise, chance-level tables labelled as pipeline
 checks, the summary's sentences, files, no overwrite, and the per-run table it always printed."""
 
-import importlib.util
 import json
 import math
 import statistics
@@ -18,10 +17,9 @@ TASKS = ["arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "winogr
 
 
 def report_main(*argv):
-    spec = importlib.util.spec_from_file_location("report_cli", REPO / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in argv])
+    from scripts import report
+
+    return report.main([str(a) for a in argv])
 
 
 def make_run(root, name, pe, seed, kv_shift=False, acc_norm=None, val_loss=5.0, extrapolation=None, steps=10,

@@ -23,12 +23,9 @@ KV_SHIFT_ROWS = ["rope", "alibi", "fox", "grape_ap"]
 
 
 def sweep_main(*argv):
-    import importlib.util
+    from scripts import sweep
 
-    spec = importlib.util.spec_from_file_location("sweep_cli", REPO / "scripts" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in argv])
+    return sweep.main([str(a) for a in argv])
 
 
 def expected_paper_runs():

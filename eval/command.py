@@ -1,0 +1,80 @@
+"""
+What the evaluation commands (eval.extrapolation, eval.passkey, eval.zero_shot) share around their own work: the
+flags that load a model, checkpoint labels, the name of the files a result goes to, and the command's tail.
+
+Output names: <out dir>/<name>_<UTC time YYYYmmdd-HHMMSS>[_k] for the first k = 1, 2, ... whose files are all
+free, the first file created exclusively, so concurrent commands never share a name and nothing existing is
+overwritten. The out dir defaults to <run dir>/eval, next to the checkpoint directories (not inside them: training
+prunes old checkpoint directories).
+
+Exit status: 0, or 2 with one line "error: ..." on stderr for bad input (every error that names a bad checkpoint,
+data directory, flag value or task is a ValueError).
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from device import DTYPES
+from eval.load import set_offline_defaults
+
+
+def add_model_args(parser, override_help="GPTConfig override for every checkpoint (repeatable)"):
+    """--device, --dtype and --override: how a checkpoint becomes a model (eval.load.load)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=override_help)
+
+
+def checkpoint_labels(label_arg, checkpoints):
+    """--label's comma-separated names, one per checkpoint; None for each when not given."""
+    labels = label_arg.split(",") if label_arg else [None] * len(checkpoints)
+    if len(labels) != len(checkpoints):
+        raise ValueError(f"--label has {len(labels)} names for {len(checkpoints)} checkpoints")
+    return labels
+
+
+def default_label(summary):
+    """'<pos_encoding>[+kv_shift] @ <step>' of a result's model summary (eval.load.Loaded.summary)."""
+    return f"{summary['pos_encoding']}{'+kv_shift' if summary['kv_shift'] else ''} @ {summary['step']}"
+
+
+def utc_time():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def unique_stem(out_dir, stem, suffixes=(".json",)):
+    """out_dir/<stem>[_k] for the first k whose files <name><suffix> are all free; <name><suffixes[0]> is created
+    (empty) exclusively, so concurrent callers never share a name and nothing existing is overwritten."""
+    for k in range(1000):
+        name = stem if k == 0 else f"{stem}_{k}"
+        if any((out_dir / f"{name}{s}").exists() for s in suffixes[1:]):
+            continue
+        try:
+            (out_dir / f"{name}{suffixes[0]}").open("x").close()
+            return out_dir / name
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free result name for {stem} in {out_dir}")
+
+
+def output_stem(out, checkpoint_dir, name, suffixes=(".json", ".png")):
+    """The stem of a new result (module docstring): in `out`, or next to the checkpoint directory's run."""
+    out_dir = Path(out) if out else Path(checkpoint_dir).parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return unique_stem(out_dir, f"{name}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}", suffixes)
+
+
+def run_command(parse_args, run, render, argv=None):
+    """The commands' main(): parse argv, set the Hub offline defaults, and call run(args) -> (result, the files it
+    wrote); then print render(result) and the files (exit status 0), or one error line (status 2)."""
+    args = parse_args(argv)
+    set_offline_defaults()
+    try:
+        result, written = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(result))
+    print("wrote " + "\n      ".join(map(str, written)))
+    return 0
