@@ -438,12 +438,14 @@ def parse_setting(text):
 
 
 def apply_settings(raw, settings):
-    """--set key=value for every run: replaces the grid key (an axis keeps its place in names, with one value)."""
+    """--set key=value for every run: replaces the grid key (an axis keeps its place in names, with one value);
+    a list value makes the key an axis of those values."""
     for text in settings:
         key, value = parse_setting(text)
         if key in SET_BY_SWEEP:
             raise SpecError(f"--set {text!r}: {key!r} is set by the sweep ({SET_BY_SWEEP[key]})")
-        raw["grid"][key] = [value] if isinstance(raw["grid"].get(key), list) else value
+        axis = isinstance(raw["grid"].get(key), list) and not isinstance(value, list)
+        raw["grid"][key] = [value] if axis else value
 
 
 def load_spec(path, out_root=None, only=(), settings=()):

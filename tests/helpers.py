@@ -188,3 +188,48 @@ def prepare_tiny(source, out_dir, **overrides):
     """data.fineweb_edu.prepare with 40-token shards named r_*, 4 documents per batch, in this process, silently."""
     return prepare(source, out_dir, **{"shard_size": 40, "prefix": "r", "workers": 0, "progress": False,
                                        "batch_docs": 4, **overrides})
+
+
+# ---- train.py on a tiny config (tests/test_train.py, tests/test_checkpoint.py)
+
+TINY_TRAIN_ARGS = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--head_dim=32", "--block_size=64",
+                   "--global_batch_size=8", "--micro_batch_size=8", "--learning_rate=3e-3", "--min_lr=3e-4",
+                   "--warmup_steps=5", "--val_tokens=8192", "--log_interval=1", "--wandb=disabled", "--device=cpu",
+                   "--compile=false"]
+
+
+def train_args(shard_dir, out_dir, *extra):
+    """train.py's arguments: configs/tiny/rope.toml made tinier, on these shards (byte shards: the 320-row
+    vocabulary), then `extra`."""
+    import json
+
+    tokenizer = json.loads((Path(shard_dir) / "manifest.json").read_text())["identity"]["tokenizer"]["name"]
+    vocab = ["--vocab_size=320"] if tokenizer == "bytes" else []
+    return [str(REPO / "configs" / "tiny" / "rope.toml"), f"--data_dir={shard_dir}", f"--out_dir={out_dir}",
+            *TINY_TRAIN_ARGS, *vocab, *extra]
+
+
+def train_in_process(shard_dir, out_dir, *extra, threads=None):
+    """train.py in this process (its result dict); threads: torch's thread count for the run (that of the child
+    processes it is compared with bit for bit, COMPARE_THREADS), default unchanged."""
+    import train
+    from config import load_config
+
+    argv = train_args(shard_dir, out_dir, *extra)
+    with torch_threads(threads) if threads else contextlib.nullcontext():
+        return train.train(load_config(argv[0], argv[1:]))
+
+
+def train_metrics(out_dir, event="train"):
+    """The records of one event ("train", "val", ...) in a run's metrics.jsonl, in order."""
+    import json
+
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("event") == event]
+
+
+def final_weights(out_dir):
+    """The model state dict of a run's newest checkpoint."""
+    import checkpoint
+
+    return torch.load(checkpoint.latest_checkpoint(out_dir) / "model.pt", weights_only=True)

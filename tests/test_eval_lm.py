@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, save_model_only
 from data.tokenizer import EOT, gpt2_encoding
 from eval.lm import GrapeLM
-from eval.load import load_model
+from eval.load import load, load_model
 from lm_eval.api.instance import Instance
 from model import GPT, GPTConfig
 
@@ -192,6 +192,23 @@ def test_overrides_reach_the_config(ckpt):
         GrapeLM(checkpoint=str(ckpt), device="cpu", overrides=["learning_rate=1e-3"])
     with pytest.raises(CheckpointError, match="config override 'rope_base=fast': key 'rope_base' must be float"):
         GrapeLM(checkpoint=str(ckpt), device="cpu", overrides=["rope_base=fast"])
+
+
+def test_load_gives_a_ready_model_with_its_config_device_and_precision(ckpt):
+    """eval.load.load: overrides applied (the training length pinned to the checkpoint's), eval mode without
+    gradients on the device asked for, the precision context for the dtype, and what results record."""
+    loaded = load(ckpt.parent, overrides=["block_size=96"], device="cpu", dtype="bfloat16")
+    assert loaded.model.config is loaded.config and (loaded.config.block_size, loaded.config.train_length) == (96, 48)
+    assert loaded.device == torch.device("cpu") and next(loaded.model.parameters()).device == loaded.device
+    assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+    with loaded.amp:
+        assert torch.is_autocast_enabled("cpu")
+    assert loaded.info == dict(path=str(ckpt), step=7, tokens=0, config=loaded.config.to_dict(),
+                               overrides={"block_size": 96}, trained_block_size=48)
+    assert loaded.summary() == dict(path=str(ckpt), step=7, pos_encoding="rope", kv_shift=False, block_size=48,
+                                    overrides={"block_size": 96})
+    with pytest.raises(ValueError, match="dtype must be one of auto, bfloat16, float32, got 'fp8'"):
+        load(ckpt, device="cpu", dtype="fp8")
 
 
 def test_run_directory_means_newest_checkpoint(ckpt):

@@ -118,6 +118,21 @@ def test_rope_scaling_variants_and_no_overwrite(setup, tmp_path, capsys):
     assert len(list(tmp_path.glob("extrapolation_*.json"))) == 2 and first.read_bytes() == before
 
 
+def test_each_checkpoint_is_read_once_however_many_models_it_gives(setup, tmp_path, monkeypatch, capsys):
+    """--rope-scaling builds three models from the RoPE checkpoint and one from ALiBi's: one meta.json read each."""
+    import eval.load
+
+    ckpts, data, _ = setup
+    reads, read = [], eval.load.load_meta
+    monkeypatch.setattr(eval.load, "load_meta", lambda path: reads.append(path) or read(path))
+    assert extrapolation.main(["--checkpoint", str(ckpts[0]), str(ckpts[1]), "--lengths", "1x", "--tokens", "100",
+                               "--modes", "nonoverlap", "--data-dir", str(data), "--out", str(tmp_path),
+                               "--rope-scaling", "pi,yarn"]) == 0, capsys.readouterr().err
+    (result,) = tmp_path.glob("extrapolation_*.json")
+    assert len(json.loads(result.read_text())["checkpoints"]) == 4
+    assert reads == ckpts
+
+
 def test_missing_data_or_checkpoint_is_a_clear_error(setup, tmp_path, capsys):
     ckpts, data, _ = setup
     assert extrapolation.main(["--checkpoint", str(ckpts[0]), "--data-dir", str(tmp_path / "none")]) == 2

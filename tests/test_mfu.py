@@ -39,6 +39,7 @@ def test_formula_is_6n_plus_attention_and_independent_of_the_encoding():
     assert len(set(counts.values())) == 1  # no PE parameters: the same N, the same FLOPs per token
 
 
+@pytest.mark.slow  # two trainings end to end
 def test_train_prints_the_formula_and_mfu_na_on_cpu(byte_shards, tmp_path, capsys):
     import train
     from config import load_config

@@ -197,6 +197,7 @@ def test_submission_needs_sbatch(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # starts the stand-ins for sbatch and squeue
 def test_submission_writes_run_files_and_never_submits_a_queued_run_twice(tmp_path, capsys, monkeypatch):
     """Fake sbatch / squeue: sbatch records the script and prints a job id; squeue lists what was submitted."""
     bin_dir, log = tmp_path / "bin", tmp_path / "submitted.txt"
@@ -255,6 +256,7 @@ def fake_slurm(bin_dir, log_dir):
         (bin_dir / name).chmod(0o755)
 
 
+@pytest.mark.slow  # runs batch scripts: training and evaluation
 def test_batch_script_checkpoints_requeues_resumes_then_evaluates(byte_shards, tmp_path, monkeypatch):
     """A submitted script run by stand-ins for SLURM on this machine. Job 77 gets the time-limit warning at step 2:
     train.py checkpoints, the script requeues the job and evaluates nothing. The requeued job resumes from that
@@ -298,6 +300,7 @@ def snapshot(root):
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # a sweep end to end: trainings and evaluations
 def test_local_sweep_trains_evaluates_skips_and_resumes(byte_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matmuls: threads only contend on a shared 2-core machine
     root = tmp_path / "runs"
@@ -371,3 +374,17 @@ def test_only_selects_runs_and_a_glob_matching_nothing_is_an_error(tmp_path):
     assert sorted(r.name for r in spec.runs) == sorted(f"large_{p}_kvshift_s42" for p in KV_SHIFT_ROWS)
     with pytest.raises(SpecError, match="--only 'small_\\*' matches no run"):
         load_spec(SWEEPS / "paper_tables.toml", out_root=tmp_path, only=["small_*"])
+
+
+def test_set_reads_values_as_train_does_and_a_list_makes_an_axis(tmp_path):
+    """--set values go through config.parse_value (1e1 is an int step count, as on train.py's command line); a TOML
+    list replaces a setting by an axis, a quoted string is the string; unknown keys name the key and the flag."""
+    spec = load_spec(SWEEPS / "smoke.toml", out_root=tmp_path,
+                     settings=["max_steps=1e1", "seed=[1, 2]", 'data_dir="/scratch/shards"', "kv_shift=yes"])
+    assert sorted(r.name for r in spec.runs) == sorted(f"micro_{pe}_kvshift_s{s}" for pe in ("rope", "alibi")
+                                                       for s in (1, 2))
+    assert {(r.cfg.max_steps, r.cfg.data_dir, r.cfg.model.kv_shift) for r in spec.runs} == \
+           {(10, "/scratch/shards", True)}
+    assert all(r.total_steps == 10 and r.cfg.data_seed == r.cfg.seed for r in spec.runs)
+    with pytest.raises(SpecError, match="--set 'max_step=10': unknown key 'max_step'; did you mean 'max_steps'"):
+        load_spec(SWEEPS / "smoke.toml", out_root=tmp_path, settings=["max_step=10"])
