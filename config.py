@@ -1,7 +1,7 @@
 """
 Run configuration: one flat set of typed keys, read from a TOML file and overridden on the command line.
 
-    python train.py configs/medium/rope.toml --max_steps=100 --out_dir=out/test
+    python -m train configs/medium/rope.toml --max_steps=100 --out_dir=out/test
 
 Keys are the fields of `model.GPTConfig` (the model) plus those of `TrainConfig` below (everything else); the two
 sets do not overlap, so every key is addressed by its bare name. A config file may name a `base` file (a path

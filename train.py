@@ -1,10 +1,12 @@
 """
-Pretrain a GPT with a chosen positional encoding on llm.c-format token shards (data/fineweb_edu.py makes them).
+Pretrain a GPT with a chosen positional encoding on llm.c-format token shards (python -m data.fineweb_edu makes them).
 
-    python train.py configs/tiny/rope.toml                                   # one process: CPU or one GPU
-    torchrun --standalone --nproc_per_node=8 train.py configs/medium/rope.toml
+    python -m train configs/tiny/rope.toml                                   # one process: CPU or one GPU
+    torchrun --standalone --nproc_per_node=8 -m train configs/medium/rope.toml
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \
-        --rdzv_id=$JOB_ID train.py configs/large/grape_ap.toml --out_dir=/ckpt/large_grape_ap
+        --rdzv_id=$JOB_ID -m train configs/large/grape_ap.toml --out_dir=/ckpt/large_grape_ap
+
+Run from the repository root (`python train.py ...` works there too).
 
 Any config key can be overridden with --key=value (config.py lists the keys; config.parse_value reads the values).
 

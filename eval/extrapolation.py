@@ -25,8 +25,9 @@ Reported: mean loss and perplexity = exp(mean loss) over the scored tokens, and 
 and its mean over each block of block_size positions ([0, T), [T, 2T), ...).
 
 Inference-time changes to the model are config overrides passed through to the model: --override key=value
-(repeatable), applied to every checkpoint, recorded in the output; --override-for LABEL:key=value for one labelled
-checkpoint (give a checkpoint twice with two labels to compare). The RoPE scalings have a shortcut:
+(repeatable; the value read as train.py reads --key=value), applied to every checkpoint, recorded in the output;
+--override-for LABEL:key=value for one labelled checkpoint (give a checkpoint twice with two labels to compare).
+The RoPE scalings have a shortcut:
 `--rope-scaling pi,ntk,yarn [--rope-scaling-factor S]` evaluates every rope / grape_m / grape_m_basis checkpoint once
 more per scaling (labelled <label>+<kind>; S defaults to the longest length over the training length).
 
@@ -59,7 +60,7 @@ def validation_tokens(data_dir, max_tokens=None):
 
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"data directory not found: {data_dir} (python data/fineweb_edu.py --sample makes "
+        raise DataError(f"data directory not found: {data_dir} (python -m data.fineweb_edu --sample makes "
                         f"data/shards/sample)")
     try:
         found = shards.find_shards(data_dir, "val")

@@ -1,7 +1,7 @@
 """
 Collect train.py runs into tables and plots:
 
-    python scripts/report.py RUN_DIR [RUN_DIR ...] [--sweep SPEC] [--out DIR]
+    python -m scripts.report RUN_DIR [RUN_DIR ...] [--sweep SPEC] [--out DIR]
 
 Reads each run's config.json, metrics.jsonl and eval/ outputs (sweeps/results.py) and prints, in markdown:
   * a table of the runs: positional encoding, steps, tokens, the last logged training loss and validation loss;
@@ -67,7 +67,8 @@ def write_report(text, groups, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scripts.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run directories (train.py out_dir)")
     parser.add_argument("--sweep", default=None, metavar="SPEC", help="add the started runs of this sweep spec")
     parser.add_argument("--out", default=None, metavar="DIR", help="write the report and its figures here")

@@ -1,15 +1,15 @@
 """
 Expand a sweep spec (configs/sweeps/*.toml; the format is in sweeps/spec.py) into runs and launch them.
 
-    python scripts/sweep.py SPEC --dry-run --out DIR   # one SLURM batch script per run into DIR; nothing submitted
-    python scripts/sweep.py SPEC                       # write each run's script into its directory and sbatch it
-    python scripts/sweep.py SPEC --local               # run them here one after another: train.py, then the evals
-    python scripts/sweep.py SPEC --list                # the runs and their status, nothing written
+    python -m scripts.sweep SPEC --dry-run --out DIR   # one SLURM batch script per run into DIR; nothing submitted
+    python -m scripts.sweep SPEC                       # write each run's script into its directory and sbatch it
+    python -m scripts.sweep SPEC --local               # run them here one after another: train.py, then the evals
+    python -m scripts.sweep SPEC --list                # the runs and their status, nothing written
 
 Options: --only GLOB (repeatable; the runs whose name matches), --out-root DIR (instead of the spec's out_root),
---set KEY=VALUE (repeatable; a config value for every run, replacing the spec's), --out DIR (when submitting: the
-scripts go there instead of into the run directories), --quiet (with --local: progress lines only; each run's full
-output is in RUN_DIR/local.log).
+--set KEY=VALUE (repeatable; a config value for every run, replacing the spec's, read as train.py reads --key=value;
+a TOML list such as seed=[0,1] makes an axis), --out DIR (when submitting: the scripts go there instead of into the
+run directories), --quiet (with --local: progress lines only; each run's full output is in RUN_DIR/local.log).
 
 Every selected run is resolved and validated before anything is written or started. A run that is done (training
 at its last step and every chained evaluation present) is skipped and its files are left untouched; an unfinished
@@ -31,7 +31,7 @@ from sweeps.spec import SpecError, display_path, load_spec  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python scripts/sweep.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m scripts.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="a sweep spec, e.g. configs/sweeps/paper_tables.toml")
     mode = p.add_mutually_exclusive_group()

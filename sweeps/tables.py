@@ -247,7 +247,8 @@ def summary(groups, names):
                    for g in gs}
         usable = [g for g in gs if per_run[id(g)] and all(T in e for e in per_run[id(g)])]
         longest = [max(L for e in per_run[id(g)] for L in e) for g in usable]
-        common = [L for L in (min(longest, default=T),) if L > T and all(L in e for g in usable for e in per_run[id(g)])]
+        common = [L for L in (min(longest, default=T),)
+                  if L > T and all(L in e for g in usable for e in per_run[id(g)])]
         if not common:
             continue
         L = common[0]
@@ -279,7 +280,8 @@ def summary(groups, names):
         if best is not None:
             text += f" At the training length {level(lowest)} is lowest, by more than the seed noise."
         else:
-            close = [g for g in usable if g is not lowest and clearly_best([at_T[id(lowest)], at_T[id(g)]], False) is None]
+            close = [g for g in usable
+                     if g is not lowest and clearly_best([at_T[id(lowest)], at_T[id(g)]], False) is None]
             text += (f" At the training length the lowest loss, {level(lowest)}, is within seed noise of "
                      f"{_names_and([level(g) for g in close])}.")
         out.append(text)
