@@ -38,6 +38,10 @@ from durable import fsync_dir, fsync_file
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
 
 
+class CheckpointError(ValueError):
+    pass
+
+
 def checkpoint_name(step):
     return f"ckpt_{step:07d}"
 
@@ -136,10 +140,6 @@ def prune(out_dir, keep_last, keep_every):
         if keep_every and step % keep_every == 0:
             continue
         shutil.rmtree(path)
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def resolve_checkpoint(path):

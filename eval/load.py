@@ -22,6 +22,7 @@ here and are refused.
 """
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ import torch
 from checkpoint import CheckpointError, load_meta, load_states, resolve_checkpoint, save_model_only
 from config import MODEL_FIELDS, ConfigError, build_config, parse_setting
 from device import autocast_context, resolve_device
-from model import GPT
+from model import GPT, GPTConfig
 
 save_checkpoint = save_model_only  # checkpoint.py's writer, under the name scripts and tests import from here
 
@@ -62,14 +63,15 @@ def model_overrides(items):
 
 @dataclass
 class Loaded:
+    """A model ready to evaluate and what goes with it (see the module docstring)."""
     model: GPT
-    config: object  # model.GPTConfig, overrides applied
+    config: GPTConfig  # overrides applied; model.config is this object
     device: torch.device
-    amp: object  # the precision context: `with loaded.amp:` around every forward
+    amp: AbstractContextManager  # the precision context: `with loaded.amp:` around every forward
     info: dict
 
     def summary(self):
-        """What an evaluation result records about its model, in this order."""
+        """What an evaluation result records about a checkpoint's model, in this order."""
         return dict(path=self.info["path"], step=self.info["step"], pos_encoding=self.config.pos_encoding,
                     kv_shift=self.config.kv_shift, block_size=self.info["trained_block_size"],
                     overrides=self.info["overrides"])
