@@ -1,10 +1,10 @@
 """Tokenize FineWeb-Edu (or local text files) into llm.c-format GPT-2 token shards. Resumable.
 
-    python data/fineweb_edu.py --version 10B|100B|350B [--out DIR]          # HuggingFaceFW/fineweb-edu, sample-*BT
-    python data/fineweb_edu.py --input FILE... --out DIR [--shard-size N]   # local parquet / jsonl(.gz) / txt(.gz)
-    python data/fineweb_edu.py --sample [--out DIR]                         # the embedded sample in data/sample/
-    python data/fineweb_edu.py --sample --tokenizer bytes                   # the same as UTF-8 bytes (CPU studies)
-    (also runnable as `python -m data.fineweb_edu ...`, from any working directory)
+    python -m data.fineweb_edu --version 10B|100B|350B [--out DIR]          # HuggingFaceFW/fineweb-edu, sample-*BT
+    python -m data.fineweb_edu --input FILE... --out DIR [--shard-size N]   # local parquet / jsonl(.gz) / txt(.gz)
+    python -m data.fineweb_edu --sample [--out DIR]                         # the embedded sample in data/sample/
+    python -m data.fineweb_edu --sample --tokenizer bytes                   # the same as UTF-8 bytes (CPU studies)
+    (from the repository root)
 
 Algorithm (llm.c `dev/data/fineweb.py`, the script GRAPE's `data/fineweb-edu/fineweb-edu.py` follows):
   1. Documents are read in source order (dataset order for Hugging Face; file order, then in-file order, locally).
