@@ -47,6 +47,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from config import BOOL_WORDS
 from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
 from eval.load import CheckpointError, load, model_overrides, ready
 from eval.scoring import final_hidden_states, head_logits
@@ -55,13 +56,13 @@ EOT_TEXT = "<|endoftext|>"
 
 
 def _as_bool(value):
+    """A model argument that is not a config key (prefix_eot), read with config.parse_value's bool words."""
     if isinstance(value, bool):
         return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    word = str(value).strip().lower()
+    if word not in BOOL_WORDS:
+        raise ValueError(f"expected true or false, got {value!r}")
+    return BOOL_WORDS[word]
 
 
 @register_model("grape")
