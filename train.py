@@ -3,7 +3,7 @@ Pretrain a GPT with a chosen positional encoding on llm.c-format token shards (p
 
     python -m train configs/tiny/rope.toml                                   # one process: CPU or one GPU
     torchrun --standalone --nproc_per_node=8 -m train configs/medium/rope.toml
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \\
         --rdzv_id=$JOB_ID -m train configs/large/grape_ap.toml --out_dir=/ckpt/large_grape_ap
 
 Run from the repository root (`python train.py ...` works there too).

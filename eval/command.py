@@ -1,6 +1,6 @@
 """
 What the evaluation commands (eval.extrapolation, eval.passkey, eval.zero_shot) share around their own work: the
-flags that load a model, checkpoint labels, the name of the files a result goes to, and the command's tail.
+flags that name checkpoints and load a model, checkpoint labels, the files a result goes to, and the command's tail.
 
 Output names: <out dir>/<name>_<UTC time YYYYmmdd-HHMMSS>[_k] for the first k = 1, 2, ... whose files are all
 free, the first file created exclusively, so concurrent commands never share a name and nothing existing is
@@ -11,12 +11,25 @@ Exit status: 0, or 2 with one line "error: ..." on stderr for bad input (every e
 data directory, flag value or task is a ValueError).
 """
 
+import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from device import DTYPES
 from eval.load import set_offline_defaults
+
+
+def checkpoints_parser(prog, description):
+    """The parser of a command that evaluates one or more checkpoints: --checkpoint A [B ...], --label and --out;
+    the command adds its own flags and add_model_args."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True, help="ckpt_* directories or run directories")
+    p.add_argument("--label", default=None, help="comma-separated names, one per checkpoint")
+    p.add_argument("--out", default=None, help="output directory (default: <first run dir>/eval)")
+    return p
 
 
 def add_model_args(parser, override_help="GPTConfig override for every checkpoint (repeatable)"):
@@ -65,16 +78,28 @@ def output_stem(out, checkpoint_dir, name, suffixes=(".json", ".png")):
     return unique_stem(out_dir, f"{name}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}", suffixes)
 
 
-def run_command(parse_args, run, render, argv=None):
-    """The commands' main(): parse argv, set the Hub offline defaults, and call run(args) -> (result, the files it
-    wrote); then print render(result) and the files (exit status 0), or one error line (status 2)."""
-    args = parse_args(argv)
-    set_offline_defaults()
-    try:
-        result, written = run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(render(result))
-    print("wrote " + "\n      ".join(map(str, written)))
-    return 0
+def write_result(result, stem, plot, indent=None):
+    """<stem>.json (the result) and <stem>.png (drawn by plot(result, path)); [those two paths]."""
+    json_path, png_path = Path(f"{stem}.json"), Path(f"{stem}.png")
+    json_path.write_text(json.dumps(result, indent=indent))
+    plot(result, png_path)
+    return [json_path, png_path]
+
+
+def command_main(parse_args, run, render):
+    """The main(argv=None) of an evaluation command: parse argv, set the Hub offline defaults, and call run(args) ->
+    (result, the files it wrote); then print render(result) and the files (exit status 0), or one error line
+    (status 2)."""
+    def main(argv=None):
+        args = parse_args(argv)
+        set_offline_defaults()
+        try:
+            result, written = run(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(render(result))
+        print("wrote " + "\n      ".join(map(str, written)))
+        return 0
+
+    return main

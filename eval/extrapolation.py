@@ -1,8 +1,8 @@
 """
 Length extrapolation: loss and perplexity at multiples of the training length, per position, on held-out text.
 
-    python -m eval.extrapolation --checkpoint out/medium_rope out/medium_alibi --lengths 1x,2x,4x,8x,16x \
-        [--data-dir data/shards/fineweb-edu100B] [--tokens 1048576] [--stride 0.5x] [--modes nonoverlap,sliding] \
+    python -m eval.extrapolation --checkpoint out/medium_rope out/medium_alibi --lengths 1x,2x,4x,8x,16x \\
+        [--data-dir data/shards/fineweb-edu100B] [--tokens 1048576] [--stride 0.5x] [--modes nonoverlap,sliding] \\
         [--override rope_base=500000] [--batch-size 1] [--device cuda] [--dtype bfloat16] [--out DIR]
 
 Data: the validation shard (`*_val_000000.bin`, never trained on) of --data-dir (default data/shards/sample), its
@@ -35,8 +35,6 @@ Output (next to the first checkpoint's run directory unless --out): extrapolatio
 loss vs position, one line per checkpoint, at the longest length; right: loss vs evaluation length, both protocols).
 """
 
-import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -44,7 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.command import add_model_args, checkpoint_labels, default_label, output_stem, run_command, utc_time
+from eval.command import (add_model_args, checkpoint_labels, checkpoints_parser, command_main, default_label,
+                          output_stem, utc_time, write_result)
 from eval.command import unique_stem  # noqa: F401  (scripts/report.py imports it from here)
 from eval.load import Checkpoint
 from eval.scoring import token_losses
@@ -209,10 +208,7 @@ def table(result):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m eval.extrapolation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", required=True)
-    p.add_argument("--label", default=None, help="comma-separated names, one per checkpoint")
+    p = checkpoints_parser("python -m eval.extrapolation", __doc__)
     p.add_argument("--lengths", default="1x,2x,4x,8x,16x")
     p.add_argument("--modes", default="nonoverlap,sliding")
     p.add_argument("--stride", default="0.5x", help="sliding-window stride: 'Nx' of the length, or tokens")
@@ -227,7 +223,6 @@ def parse_args(argv):
                         "scalings (pi, ntk, yarn, dynamic_ntk, dynamic_yarn), labelled <label>+<kind>")
     p.add_argument("--rope-scaling-factor", type=float, default=None,
                    help="s for the static scalings (default: the longest length / the training length)")
-    p.add_argument("--out", default=None, help="output directory (default: <first run dir>/eval)")
     return p.parse_args(argv)
 
 
@@ -296,14 +291,10 @@ def run(args):
         del loaded
         entry["label"] = (label or default_label(entry)) + suffix
         result["checkpoints"].append(entry)
-    stem = output_stem(args.out, jobs[0][0].path, "extrapolation")
-    stem.with_suffix(".json").write_text(json.dumps(result))
-    plot(result, stem.with_suffix(".png"))
-    return result, [stem.with_suffix(".json"), stem.with_suffix(".png")]
+    return result, write_result(result, output_stem(args.out, jobs[0][0].path, "extrapolation"), plot)
 
 
-def main(argv=None):
-    return run_command(parse_args, run, table, argv)
+main = command_main(parse_args, run, table)
 
 
 if __name__ == "__main__":

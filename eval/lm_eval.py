@@ -4,9 +4,9 @@ lm-evaluation-harness's own command line with this repository's model registered
 lm-eval discovers models only through its registry, which a module fills when it is imported; its CLI has no plugin
 mechanism. This module imports eval.lm (registering "grape") and hands every argument to lm-eval's CLI unchanged:
 
-    python -m eval.lm_eval --model grape --model_args checkpoint=out/medium_rope,batch_size=32 \
+    python -m eval.lm_eval --model grape --model_args checkpoint=out/medium_rope,batch_size=32 \\
         --tasks arc_easy,piqa --device cuda --output_path results/
-    python -m eval.lm_eval run --model grape --model_args checkpoint=out/tiny_rope --tasks paper7_local \
+    python -m eval.lm_eval run --model grape --model_args checkpoint=out/tiny_rope --tasks paper7_local \\
         --include_path eval/data/tasks --limit 20          # local data: see `python -m eval.tasks`
 
 Two defaults differ from calling lm-eval directly: HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 are set unless already

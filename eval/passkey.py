@@ -1,7 +1,7 @@
 """
 Passkey retrieval: a random 5-digit number hidden at a chosen depth of filler text, retrieved by greedy decoding.
 
-    python -m eval.passkey --checkpoint out/medium_rope [out/medium_alibi ...] --lengths 1x,2x,4x,8x \
+    python -m eval.passkey --checkpoint out/medium_rope [out/medium_alibi ...] --lengths 1x,2x,4x,8x \\
         [--depths 0,0.25,0.5,0.75,1] [--trials 20] [--seed 0] [--batch-size 4] [--device cuda] [--override k=v]
 
 The prompt (Mohtashami & Jaggi, Landmark Attention, 2023; used by LongLoRA, YaRN and others), as tokens:
@@ -22,8 +22,6 @@ checkpoint's run directory unless --out): passkey_<UTC time>.json (every trial: 
 accuracy heat map per checkpoint, depth x length), and a markdown table on stdout.
 """
 
-import argparse
-import json
 import random
 import re
 import sys
@@ -31,7 +29,8 @@ import sys
 import torch
 
 from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
-from eval.command import add_model_args, checkpoint_labels, default_label, output_stem, run_command, utc_time
+from eval.command import (add_model_args, checkpoint_labels, checkpoints_parser, command_main, default_label,
+                          output_stem, utc_time, write_result)
 from eval.extrapolation import parse_length
 from eval.load import load
 
@@ -148,17 +147,13 @@ def plot(result, path):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m eval.passkey", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", required=True)
-    p.add_argument("--label", default=None, help="comma-separated names, one per checkpoint")
+    p = checkpoints_parser("python -m eval.passkey", __doc__)
     p.add_argument("--lengths", default="1x,2x,4x,8x")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     add_model_args(p)
-    p.add_argument("--out", default=None, help="output directory (default: <first run dir>/eval)")
     return p.parse_args(argv)
 
 
@@ -180,13 +175,10 @@ def run(args):
         entry["label"] = label or default_label(entry)
         result["checkpoints"].append(entry)
     stem = output_stem(args.out, result["checkpoints"][0]["path"], "passkey")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    plot(result, stem.with_suffix(".png"))
-    return result, [stem.with_suffix(".json"), stem.with_suffix(".png")]
+    return result, write_result(result, stem, plot, indent=1)
 
 
-def main(argv=None):
-    return run_command(parse_args, run, table, argv)
+main = command_main(parse_args, run, table)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval.command import add_model_args, output_stem, run_command, utc_time
+from eval.command import add_model_args, command_main, output_stem, utc_time
 from eval.tasks import resolve_task_names
 
 def parse_args(argv=None):
@@ -231,8 +231,7 @@ def run_and_write(args):
     return record, write_results(record, args.out_dir)
 
 
-def main(argv=None):
-    return run_command(parse_args, run_and_write, lambda record: markdown([record]), argv)
+main = command_main(parse_args, run_and_write, lambda record: markdown([record]))
 
 
 if __name__ == "__main__":
