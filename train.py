@@ -6,7 +6,7 @@ Pretrain a GPT with a chosen positional encoding on llm.c-format token shards (p
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \\
         --rdzv_id=$JOB_ID -m train configs/large/grape_ap.toml --out_dir=/ckpt/large_grape_ap
 
-Run from the repository root (`python train.py ...` works there too).
+Run from the repository root as `python -m train ...` (or `torchrun ... -m train ...`).
 
 Any config key can be overridden with --key=value (config.py lists the keys; config.parse_value reads the values).
 

@@ -1,6 +1,6 @@
 """Rebuild data/sample/, the small real-text corpus embedded in the repository.
 
-    python data/build_sample.py --corpus DIR     # DIR holds wikipedia_106.txt.gz, brown.txt.gz, austen.txt.gz
+    python -m data.build_sample --corpus DIR     # DIR holds wikipedia_106.txt.gz, brown.txt.gz, austen.txt.gz
 
 Only this build step reads the external corpus directory; nothing at run time does. The three prose sources are
 copied text-for-text (documents = blank-line-separated blocks, as in the corpus), re-compressed deterministically

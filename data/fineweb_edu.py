@@ -45,8 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable, then use absolute imports
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
+    sys.exit("run it from the repository root as a module: python -m data.fineweb_edu ...")
 
 from data import shards, tokenizer  # noqa: E402
 from data.manifest import MANIFEST, PrepError, load_for_resume, lock_dir, write_manifest  # noqa: E402

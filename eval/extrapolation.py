@@ -44,7 +44,6 @@ import torch
 
 from eval.command import (add_model_args, checkpoint_labels, checkpoints_parser, command_main, default_label,
                           output_stem, utc_time, write_result)
-from eval.command import unique_stem  # noqa: F401  (scripts/report.py imports it from here)
 from eval.load import Checkpoint
 from eval.scoring import token_losses
 

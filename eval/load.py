@@ -27,12 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import CheckpointError, load_meta, load_states, resolve_checkpoint, save_model_only
+from checkpoint import CheckpointError, load_meta, load_states, resolve_checkpoint
 from config import MODEL_FIELDS, ConfigError, build_config, parse_setting
 from device import autocast_context, resolve_device
 from model import GPT, GPTConfig
-
-save_checkpoint = save_model_only  # checkpoint.py's writer, under the name scripts and tests import from here
 
 
 def set_offline_defaults():
@@ -134,8 +132,3 @@ def load(path, overrides=None, device="auto", dtype="float32"):
     """The model of the checkpoint or run directory `path`, ready to evaluate (see the module docstring)."""
     return Checkpoint(path).load(overrides, device, dtype)
 
-
-def load_model(path, device="cpu", overrides=None):
-    """(model, info) of `load`, for callers that need no precision context."""
-    loaded = load(path, overrides, device)
-    return loaded.model, loaded.info

@@ -101,14 +101,21 @@ def worker_layer_time(a):
     """All configurations of one T in one process; one warm-up round, then a["rounds"] interleaved rounds."""
     layers = {f"{pe}/{impl}": make_layer(a, pe, impl) for pe, impl in a["configs"]}
     x, grad = layer_inputs(a)
-    times = {key: [] for key in layers}
-    for r in range(1 + a["rounds"]):
-        for key, layer in layers.items():
+    steps = {key: (lambda layer=layer: layer_step(layer, x, grad)) for key, layer in layers.items()}
+    return interleaved_rounds(steps, a["rounds"], f"layer T={a['T']}")
+
+
+def interleaved_rounds(steps, rounds, label):
+    """Time each of `steps` (name -> callable) once per round, the names interleaved so that a slow phase of the
+    machine hits all of them alike; round 0 is a warm-up. Returns name -> median time and the timed rounds."""
+    times = {key: [] for key in steps}
+    for r in range(1 + rounds):
+        for key, step in steps.items():
             t0 = time.perf_counter()
-            layer_step(layer, x, grad)
+            step()
             if r:
                 times[key].append(time.perf_counter() - t0)
-        progress(f"  layer T={a['T']}: round {r}/{a['rounds']}")
+        progress(f"  {label}: round {r}/{rounds}")
     return {key: dict(time=statistics.median(ts), times=ts) for key, ts in times.items()}
 
 
@@ -134,15 +141,8 @@ def worker_model(a):
     torch.manual_seed(0)
     idx = torch.randint(0, a["shape"]["vocab_size"], (a["batch"], a["T"] + 1))
     models = {pe: make_model(pe, a["T"], a["shape"]) for pe in a["pes"]}
-    times = {pe: [] for pe in a["pes"]}
-    for r in range(1 + a["rounds"]):
-        for pe, (model, opt) in models.items():
-            t0 = time.perf_counter()
-            train_step(model, opt, idx)
-            if r:
-                times[pe].append(time.perf_counter() - t0)
-        progress(f"  model T={a['T']}: round {r}/{a['rounds']}")
-    return {pe: dict(time=statistics.median(ts), times=ts) for pe, ts in times.items()}
+    steps = {pe: (lambda m=model, o=opt: train_step(m, o, idx)) for pe, (model, opt) in models.items()}
+    return interleaved_rounds(steps, a["rounds"], f"model T={a['T']}")
 
 
 def worker_long(a):

@@ -49,7 +49,8 @@ if __package__ in (None, ""):  # run as a file, the repository's packages would 
     sys.exit("run it from the repository root as a module: python -m scripts.export_hf ...")
 
 from data.tokenizer import EOT, GPT2_FILES, local_bpe_dir, verify_bpe_file  # noqa: E402
-from eval.load import CheckpointError, load_model  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
+from eval.load import load  # noqa: E402
 
 
 class ExportError(ValueError):
@@ -169,7 +170,8 @@ def export(checkpoint, out, dtype="float32", verify=True, force=False):
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} exists and is not empty; choose a new directory or pass --force to overwrite")
-    model, info = load_model(checkpoint, device="cpu")
+    loaded = load(checkpoint, device="cpu")
+    model, info = loaded.model, loaded.info
     hf = to_hf(model)
     diff = max_logit_difference(model, hf) if verify else None
     if diff is not None and diff > 1e-4:

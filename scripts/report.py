@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
     sys.exit("run it from the repository root as a module: python -m scripts.report ...")
 
-from eval.extrapolation import unique_stem  # noqa: E402
+from eval.command import unique_stem  # noqa: E402
 from sweeps import plots, tables  # noqa: E402
 from sweeps.results import group_runs, read_run  # noqa: E402
 

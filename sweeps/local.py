@@ -2,7 +2,7 @@
 Run a sweep on this machine, one run after another (CPU studies, a single GPU).
 
 Each step is a subprocess started from the repository root with this interpreter (so the same environment):
-`python train.py BASE --key=value ... --out_dir=RUN_DIR`, then `python -m eval.<name> --checkpoint FINAL ...` for
+`python -m train BASE --key=value ... --out_dir=RUN_DIR`, then `python -m eval.<name> --checkpoint FINAL ...` for
 each chained evaluation. Their output is appended to RUN_DIR/local.log and, unless quiet, echoed prefixed with the
 run's name.
 

@@ -9,7 +9,7 @@ What a script does, in order:
   2. cd to the repository, the spec's setup lines (modules, venv), HEAD_NODE = the first host of the allocation.
   3. srun --ntasks-per-node=1 --cpus-per-task=N (srun no longer inherits sbatch's) torchrun --nnodes=$SLURM_NNODES
      --nproc_per_node=<gpus> --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:<port> --rdzv_id=$SLURM_JOB_ID
-     train.py BASE --key=value ... --out_dir=RUN_DIR: one torchrun per node, all meeting at HEAD_NODE. train.py
+     -m train BASE --key=value ... --out_dir=RUN_DIR: one torchrun per node, all meeting at HEAD_NODE. train.py
      resumes from the newest checkpoint in RUN_DIR, so a requeued job continues where the last one stopped.
   4. python -m sweeps.state RUN_DIR --since JOB_START decides what happened (see state.py):
      finished -> the evaluations; stopped by SIGUSR1 -> scontrol requeue (the time limit is near; Slurm does not

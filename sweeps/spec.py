@@ -129,8 +129,8 @@ class Run:
         return [f"--{key}={format_value(value)}" for key, value in self.values.items()]
 
     def train_args(self):
-        """train.py's arguments, to be run from the repository root."""
-        return ["train.py", display_path(self.base_config), *self.overrides()]
+        """The training command's arguments after `python` (or torchrun), to be run from the repository root."""
+        return ["-m", "train", display_path(self.base_config), *self.overrides()]
 
 
 @dataclass

@@ -6,8 +6,8 @@ loglikelihood (with and without the EOT prefix) and loglikelihood_rolling, and b
 import pytest
 import torch
 
+from checkpoint import save_model_only
 from eval.lm import GrapeLM
-from eval.load import save_checkpoint
 from lm_eval.api.instance import Instance
 from model import GPT, GPTConfig
 from scripts import export_hf
@@ -35,7 +35,7 @@ def pair(tmp_path_factory):
             if p.dim() == 1:
                 p.normal_(1.0, 0.3)
     root = tmp_path_factory.mktemp("parity")
-    ckpt = save_checkpoint(model, root / "run", step=1)
+    ckpt = save_model_only(model, root / "run", step=1)
     out, _, _ = export_hf.export(ckpt, root / "hf")
     return ckpt, out
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, save_model_only
 from data.tokenizer import EOT, gpt2_encoding
 from eval.lm import GrapeLM
-from eval.load import load, load_model
+from eval.load import load
 from lm_eval.api.instance import Instance
 from model import GPT, GPTConfig
 
@@ -212,28 +212,28 @@ def test_load_gives_a_ready_model_with_its_config_device_and_precision(ckpt):
 
 
 def test_run_directory_means_newest_checkpoint(ckpt):
-    model, info = load_model(ckpt.parent, device="cpu")
+    info = load(ckpt.parent, device="cpu").info
     assert info["path"] == str(ckpt) and info["step"] == 7
 
 
 def test_missing_and_incompatible_checkpoints_are_clear_errors(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_model(tmp_path / "nowhere")
+        load(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no checkpoint in"):
-        load_model(tmp_path)
+        load(tmp_path)
     bad = tmp_path / "ckpt_0000001"
     bad.mkdir()
     (bad / "meta.json").write_text((ckpt / "meta.json").read_text())
     with pytest.raises(CheckpointError, match="model.pt is missing"):
-        load_model(bad)
+        load(bad)
     (bad / "model.pt").write_bytes((ckpt / "model.pt").read_bytes())
     meta = json.loads((ckpt / "meta.json").read_text())
     (bad / "meta.json").write_text(json.dumps({**meta, "config": {**meta["config"], "no_such_field": 1}}))
     with pytest.raises(CheckpointError, match="not compatible.*no_such_field"):
-        load_model(bad)
+        load(bad)
     (bad / "meta.json").write_text(json.dumps({**meta, "config": {**meta["config"], "pos_encoding": "fox"}}))
     with pytest.raises(CheckpointError, match="weights do not fit.*fgate"):
-        load_model(bad)
+        load(bad)
 
 
 def test_uniform_model_logprob_is_minus_log_vocab_per_token(tmp_path):

@@ -17,7 +17,7 @@ from data import shards
 from data.tokenizer import EOT, gpt2_encoding
 from device import autocast_context
 from eval import extrapolation
-from eval.load import load_model
+from eval.load import load
 from eval.scoring import token_losses
 from model import GPT, GPTConfig
 
@@ -40,7 +40,7 @@ def setup(tmp_path_factory):
 
 def test_token_losses_equal_direct_cross_entropy(setup):
     ckpts, _, tokens = setup
-    model, _ = load_model(ckpts[1])
+    model = load(ckpts[1], device="cpu").model
     x = torch.from_numpy(tokens[:97]).view(1, -1)
     logits, _ = model(x[:, :-1], x[:, 1:])
     direct = F.cross_entropy(logits[0], x[0, 1:], reduction="none")
@@ -49,7 +49,7 @@ def test_token_losses_equal_direct_cross_entropy(setup):
 
 def test_protocols_score_every_token_once(setup):
     ckpts, _, tokens = setup
-    model, _ = load_model(ckpts[0])
+    model = load(ckpts[0], device="cpu").model
     dev = torch.device("cpu")
     fp32 = autocast_context(dev, "float32")
     L, k = 64, 4

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from checkpoint import save_model_only
 from data.tokenizer import gpt2_encoding
-from eval.load import save_checkpoint
 from model import GPT, GPTConfig
 from scripts import export_hf
 
@@ -35,7 +35,7 @@ def test_exported_model_has_our_logits(tmp_path, kw, arch):
     from transformers import AutoModelForCausalLM
 
     model = random_model(**kw)
-    ckpt = save_checkpoint(model, tmp_path / "run", step=3)
+    ckpt = save_model_only(model, tmp_path / "run", step=3)
     out, got_arch, diff = export_hf.export(ckpt, tmp_path / "hf")
     assert got_arch == arch and diff < 1e-4
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -89,6 +89,6 @@ def test_unexportable_configs_are_refused(kw, match):
 
 
 def test_cli_reports_refusal(tmp_path, capsys):
-    ckpt = save_checkpoint(random_model(pos_encoding="rope"), tmp_path / "run")
+    ckpt = save_model_only(random_model(pos_encoding="rope"), tmp_path / "run")
     assert export_hf.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
     assert "reference order" in capsys.readouterr().err

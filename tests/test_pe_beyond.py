@@ -369,14 +369,16 @@ def test_orthogonal_from_skew():
 def test_evaluation_block_size_override_keeps_the_training_length(tmp_path):
     """Loading for evaluation with a larger block_size (longer contexts) must not change RoPE-ID's frequencies or
     temperature, nor the length rope_scaling refers to: eval pins train_length to the checkpoint's block_size."""
-    from eval.load import load_model, save_checkpoint
+    from checkpoint import save_model_only
+    from eval.load import load
 
     model = tiny_model("rope_id", block_size=16)
-    ckpt = save_checkpoint(model, tmp_path / "run", step=1)
-    loaded, info = load_model(ckpt, overrides=["block_size=64"])
+    ckpt = save_model_only(model, tmp_path / "run", step=1)
+    loaded = load(ckpt, overrides=["block_size=64"], device="cpu").model
     assert loaded.config.block_size == 64 and loaded.config.train_length == 16
     idx = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx, all_logits=True)[0], model(idx, all_logits=True)[0], rtol=0, atol=1e-6)
-    yarn, _ = load_model(ckpt.parent, overrides=["pos_encoding=rope", "rope_scaling=yarn", "rope_scaling_factor=4"])
+    yarn = load(ckpt.parent, overrides=["pos_encoding=rope", "rope_scaling=yarn", "rope_scaling_factor=4"],
+                device="cpu").model
     assert yarn.config.train_length == 16

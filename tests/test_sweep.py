@@ -71,7 +71,7 @@ def test_paper_dry_run_writes_the_23_table_runs(tmp_path, capsys):
         assert launch.startswith('srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=64 ')
         for piece in ('torchrun --nnodes="$SLURM_NNODES" --nproc_per_node=8', "--rdzv_backend=c10d",
                       '--rdzv_endpoint="$HEAD_NODE:29500"', '--rdzv_id="$SLURM_JOB_ID"', "SIGUSR1",
-                      f"train.py configs/base/{size}.toml", f"--pos_encoding={pe}",
+                      f"-m train configs/base/{size}.toml", f"--pos_encoding={pe}",
                       f"--kv_shift={'true' if kv else 'false'}", "--seed=42", "--data_seed=42",
                       f"--out_dir={root / path.stem}"):
             assert piece in launch, (path.name, piece)

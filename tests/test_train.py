@@ -75,7 +75,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise(byte_shards, tmp_path):
     reference = tmp_path / "reference"
     train_in_process(byte_shards, reference, "--max_steps=12", "--checkpoint_interval=3", threads=COMPARE_THREADS)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "train.py"),
+    cmd = [sys.executable, "-m", "train",
            *train_args(byte_shards, killed, "--max_steps=12", "--checkpoint_interval=3")]
     kill_at = int(np.random.default_rng().integers(4, 11))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
@@ -114,7 +114,7 @@ def test_resume_says_what_changed_that_bitwise_continuation_needs(byte_shards, t
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(byte_shards, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"),
+    cmd = [sys.executable, "-m", "train",
            *train_args(byte_shards, out, "--max_steps=50", "--checkpoint_interval=100")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     for line in proc.stdout:
@@ -152,7 +152,7 @@ def test_nonfinite_loss_stops_without_saving(byte_shards, tmp_path, monkeypatch)
 
 def torchrun(nproc, byte_shards, out_dir, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "train.py"), *train_args(byte_shards, out_dir, *extra)]
+           "-m", "train", *train_args(byte_shards, out_dir, *extra)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
