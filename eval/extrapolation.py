@@ -35,6 +35,7 @@ Output (next to the first checkpoint's run directory unless --out): extrapolatio
 loss vs position, one line per checkpoint, at the longest length; right: loss vs evaluation length, both protocols).
 """
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -72,12 +73,64 @@ def validation_tokens(data_dir, max_tokens=None):
     return np.asarray(tokens[:n], dtype=np.int64), found[0]
 
 
-def parse_length(spec, block_size):
-    """'4x' -> 4 * block_size; '0.5x' -> block_size // 2; '8192' -> 8192."""
+LENGTH_FORMAT = "Nx (N > 0 times the training block_size, e.g. 2x or 0.5x) or a positive number of tokens"
+
+
+def _length_number(spec):
+    """The number in a length spec ('4x' -> 4.0, '300' -> 300), or None when spec is neither form."""
+    try:
+        return float(spec[:-1]) if spec.endswith("x") else int(spec)
+    except ValueError:
+        return None
+
+
+def check_length_spec(spec):
+    """spec stripped, when it is a length ('Nx' with a finite N > 0, or an integer > 0); else ValueError naming it."""
     spec = str(spec).strip()
+    number = _length_number(spec)
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{spec!r} is not a length: expected {LENGTH_FORMAT}")
+    return spec
+
+
+def length_list(text):
+    """argparse type of --lengths: 'a,b,...' -> [the stripped specs], each checked; at least one is required, so
+    that a bad list fails at parse time, before any model is loaded or any file written."""
+    specs = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not specs:
+        raise argparse.ArgumentTypeError(f"{text!r} names no length: expected a comma-separated list of "
+                                         f"{LENGTH_FORMAT}")
+    try:
+        return [check_length_spec(s) for s in specs]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def length_spec(text):
+    """argparse type of a single length flag (--stride): one checked spec."""
+    try:
+        return check_length_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text):
+    """argparse type of a count (--tokens, --batch-size): an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def parse_length(spec, block_size):
+    """'4x' -> 4 * block_size; '0.5x' -> block_size // 2; '8192' -> 8192 (check_length_spec's forms)."""
+    spec = check_length_spec(spec)
     value = int(float(spec[:-1]) * block_size) if spec.endswith("x") else int(spec)
     if value <= 0:
-        raise ValueError(f"length {spec!r} is not positive")
+        raise ValueError(f"length {spec!r} is not positive (it rounds to {value} tokens at block_size {block_size})")
     return value
 
 
@@ -206,14 +259,27 @@ def table(result):
     return "\n".join(lines)
 
 
+MODES = ("nonoverlap", "sliding")
+
+
+def mode_list(text):
+    """argparse type of --modes: 'a,b' -> [modes], each one of MODES, at least one."""
+    modes = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not modes or not set(modes) <= set(MODES):
+        raise argparse.ArgumentTypeError(f"expected nonoverlap and/or sliding, got {text!r}")
+    return modes
+
+
 def parse_args(argv):
     p = checkpoints_parser("python -m eval.extrapolation", __doc__)
-    p.add_argument("--lengths", default="1x,2x,4x,8x,16x")
-    p.add_argument("--modes", default="nonoverlap,sliding")
-    p.add_argument("--stride", default="0.5x", help="sliding-window stride: 'Nx' of the length, or tokens")
+    p.add_argument("--lengths", type=length_list, default="1x,2x,4x,8x,16x", help=f"comma-separated: {LENGTH_FORMAT}")
+    p.add_argument("--modes", type=mode_list, default="nonoverlap,sliding", help="nonoverlap and/or sliding")
+    p.add_argument("--stride", type=length_spec, default="0.5x",
+                   help="sliding-window stride: 'Nx' of the length, or tokens")
     p.add_argument("--data-dir", default="data/shards/sample")
-    p.add_argument("--tokens", type=int, default=1 << 20, help="validation tokens used (the same for all lengths)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--tokens", type=positive_int, default=1 << 20,
+                   help="validation tokens used (the same for all lengths)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     add_model_args(p)
     p.add_argument("--override-for", action="append", default=[], metavar="LABEL:KEY=VALUE",
                    help="GPTConfig override for the checkpoint with this label (repeatable)")
@@ -253,6 +319,15 @@ def scaled_variants(checkpoint, overrides, kinds, factor, lengths):
     return out
 
 
+def trained_lengths(checkpoint, specs):
+    """The specs in tokens at the checkpoint's training block_size (what evaluate_checkpoint uses)."""
+    block_size = checkpoint.meta["config"].get("block_size") or checkpoint.model_config().block_size
+    try:
+        return [parse_length(spec, block_size) for spec in specs]
+    except ValueError as e:
+        raise ValueError(f"--lengths, checkpoint {checkpoint.path}: {e}") from None
+
+
 def override_lists(args, labels):
     """{label: the overrides of the checkpoint so labelled}: --override for all, then its own --override-for."""
     per_label = {label: list(args.override) for label in labels}
@@ -266,14 +341,11 @@ def override_lists(args, labels):
 
 def run(args):
     """Evaluate every checkpoint (and its scaled variants); write <stem>.json and .png; (result, [those files])."""
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not set(modes) <= {"nonoverlap", "sliding"} or not modes:
-        raise ValueError(f"--modes must be nonoverlap and/or sliding, got {args.modes!r}")
+    modes, lengths = args.modes, args.lengths
     labels = checkpoint_labels(args.label, args.checkpoint)
     per_label = override_lists(args, labels)
     kinds = [k.strip() for k in args.rope_scaling.split(",") if k.strip()]
     check_scaling_kinds(kinds)
-    lengths = [s for s in args.lengths.split(",") if s.strip()]
     tokens, shard = validation_tokens(args.data_dir, args.tokens)
     result = dict(data=str(Path(shard).resolve()), tokens=int(len(tokens)), lengths=lengths, modes=modes,
                   stride=args.stride, dtype=args.dtype, time_utc=utc_time(), checkpoints=[])
@@ -283,6 +355,8 @@ def run(args):
         for suffix, overrides in scaled_variants(checkpoint, per_label[label], kinds, args.rope_scaling_factor,
                                                  lengths):
             jobs.append((checkpoint, path, label, suffix, overrides))
+    for checkpoint, *_ in jobs:
+        trained_lengths(checkpoint, lengths)  # a length that rounds to 0 tokens fails before anything is computed
     for checkpoint, path, label, suffix, overrides in jobs:
         print(f"{path}" + (f" [{label}]" if label else "") + (f" overrides {overrides}" if overrides else ""))
         loaded = checkpoint.load(overrides, args.device, args.dtype)

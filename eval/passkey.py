@@ -31,7 +31,7 @@ import torch
 from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
 from eval.command import (add_model_args, checkpoint_labels, checkpoints_parser, command_main, default_label,
                           output_stem, utc_time, write_result)
-from eval.extrapolation import parse_length
+from eval.extrapolation import LENGTH_FORMAT, length_list, parse_length, positive_int
 from eval.load import load
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -148,11 +148,11 @@ def plot(result, path):
 
 def parse_args(argv):
     p = checkpoints_parser("python -m eval.passkey", __doc__)
-    p.add_argument("--lengths", default="1x,2x,4x,8x")
+    p.add_argument("--lengths", type=length_list, default="1x,2x,4x,8x", help=f"comma-separated: {LENGTH_FORMAT}")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     add_model_args(p)
     return p.parse_args(argv)
 
@@ -163,7 +163,7 @@ def run(args):
     depths = [float(d) for d in args.depths.split(",") if d.strip()]
     if any(not 0 <= d <= 1 for d in depths):
         raise ValueError(f"--depths must lie in [0, 1], got {depths}")
-    lengths = [s.strip() for s in args.lengths.split(",") if s.strip()]
+    lengths = args.lengths
     result = dict(lengths=lengths, depths=depths, trials=args.trials, seed=args.seed, dtype=args.dtype,
                   prompt=dict(intro=INTRO, filler=FILLER, needle=NEEDLE, question=QUESTION),
                   time_utc=utc_time(), checkpoints=[])
