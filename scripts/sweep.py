@@ -9,7 +9,9 @@ Expand a sweep spec (configs/sweeps/*.toml; the format is in sweeps/spec.py) int
 Options: --only GLOB (repeatable; the runs whose name matches), --out-root DIR (instead of the spec's out_root),
 --set KEY=VALUE (repeatable; a config value for every run, replacing the spec's, read as train.py reads --key=value;
 a TOML list such as seed=[0,1] makes an axis), --out DIR (when submitting: the scripts go there instead of into the
-run directories), --quiet (with --local: progress lines only; each run's full output is in RUN_DIR/local.log).
+run directories), --quiet (with --local: progress lines only; each run's full output is in RUN_DIR/local.log),
+--force (replace batch scripts that differ from what the sweep would write; without it such a file, e.g. one
+edited by hand, is an error naming it, and nothing is written; an identical file is left as it is).
 
 Every selected run is resolved and validated before anything is written or started. A run that is done (training
 at its last step and every chained evaluation present) is skipped and its files are left untouched; an unfinished
@@ -26,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
     sys.exit("run it from the repository root as a module: python -m scripts.sweep ...")
 
+from errors import exit_status  # noqa: E402
 from sweeps import local, slurm, state  # noqa: E402
 from sweeps.spec import SpecError, display_path, load_spec  # noqa: E402
 
@@ -44,6 +47,8 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config value for every run (repeatable), e.g. --set data_dir=/scratch/shards")
     p.add_argument("--quiet", action="store_true", help="--local: progress lines only")
+    p.add_argument("--force", action="store_true",
+                   help="replace batch scripts that differ from what the sweep writes (e.g. edited by hand)")
     args = p.parse_args(argv)
     if args.dry_run and not args.out:
         p.error("--dry-run needs --out DIR (where the batch scripts are written)")
@@ -66,30 +71,58 @@ def print_summary(spec, statuses, scripts=None):
         print(f"evaluations after training: {', '.join(e.name for e in spec.runs[0].evals) or 'none'}")
 
 
-def dry_run(spec, out):
+def checked_scripts(runs, spec, directory_of, force):
+    """{run name: (script path, text)} for `runs`, every target checked (slurm.check_script_target) before the
+    caller writes any, so that one refused file leaves all of them unwritten."""
+    scripts = {}
+    for run in runs:
+        path, text = slurm.script_path(run, directory_of(run)), slurm.render(run, spec)
+        slurm.check_script_target(path, text, force)
+        scripts[run.name] = (path, text)
+    return scripts
+
+
+def check_out_dir(out):
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise SpecError(f"--out {out} is a file; expected a directory for the batch scripts")
+
+
+def dry_run(spec, out, force=False):
+    check_out_dir(out)
     statuses = {r.name: state.describe(r) for r in spec.runs}
-    written = [slurm.write_script(r, spec, out) for r in spec.runs if statuses[r.name] != "done"]
+    todo = [r for r in spec.runs if statuses[r.name] != "done"]
+    scripts = checked_scripts(todo, spec, lambda run: out, force)
+    written = [slurm.write_script_text(path, text) for path, text in scripts.values()]
     print_summary(spec, statuses, written)
     print(f"wrote {len(written)} batch scripts to {out} (not submitted; {len(spec.runs) - len(written)} done)")
     return 0
 
 
-def submit_all(spec, out):
+def submit_all(spec, out, force=False):
     slurm.check_available()
+    check_out_dir(out)
     statuses = {r.name: state.describe(r) for r in spec.runs}
     if conflicts := [f"  {n}: {s}" for n, s in statuses.items() if s.startswith("conflict")]:
         raise SpecError("run directories that hold other runs (nothing was submitted):\n" + "\n".join(conflicts))
     queued = slurm.queued_scripts()
+
+    def directory_of(run):
+        return Path(out or run.out_dir)
+
+    todo = [r for r in spec.runs if statuses[r.name] != "done"]
+    scripts = checked_scripts([r for r in todo if str(slurm.script_path(r, directory_of(r)).resolve()) not in queued],
+                              spec, directory_of, force)
     for run in spec.runs:
         if statuses[run.name] == "done":
             print(f"{run.name}: skipped (done)")
             continue
-        script = Path(out or run.out_dir) / f"{run.name}.sbatch"
+        script = slurm.script_path(run, directory_of(run))
         if str(script.resolve()) in queued:
             print(f"{run.name}: skipped (job {queued[str(script.resolve())]} is queued or running)")
             continue
-        state.write_run_files(run, spec.path)
-        slurm.write_script(run, spec, script.parent)
+        script.parent.mkdir(parents=True, exist_ok=True)
+        state.write_run_files(run, spec.path, also=[scripts[run.name]])
+        script.chmod(0o755)
         job = slurm.submit(script)
         with open(run.out_dir / "slurm_jobs.txt", "a") as f:
             f.write(f"{job} {script}\n")
@@ -97,22 +130,23 @@ def submit_all(spec, out):
     return 0
 
 
-def main(argv=None):
+def _main(argv):
     args = parse_args(argv)
-    try:
-        spec = load_spec(args.spec, out_root=args.out_root, only=args.only, settings=args.set)
-        if args.list:
-            print_summary(spec, {r.name: state.describe(r) for r in spec.runs})
-            return 0
-        if args.dry_run:
-            return dry_run(spec, Path(args.out))
-        if args.local:
-            summary = local.run_all(spec, quiet=args.quiet)
-            return 1 if summary["failed"] else 0
-        return submit_all(spec, args.out)
-    except (SpecError, slurm.SlurmError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = load_spec(args.spec, out_root=args.out_root, only=args.only, settings=args.set)
+    if args.list:
+        print_summary(spec, {r.name: state.describe(r) for r in spec.runs})
+        return 0
+    if args.dry_run:
+        return dry_run(spec, Path(args.out), args.force)
+    if args.local:
+        summary = local.run_all(spec, quiet=args.quiet)
+        return 1 if summary["failed"] else 0
+    return submit_all(spec, args.out, args.force)
+
+
+def main(argv=None):
+    """Exit status as in the module docstring: an error in the spec, a run directory or SLURM is one line, 2."""
+    return exit_status(_main, argv)
 
 
 if __name__ == "__main__":

@@ -41,12 +41,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from durable import atomic_write_text
+from errors import UserError
 from sweeps.spec import REPO, display_path
 
 HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun's default set plus the time-limit warning
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError, RuntimeError):
     pass
 
 
@@ -129,10 +131,34 @@ def render(run, spec):
     return "\n".join(lines) + "\n"
 
 
-def write_script(run, spec, directory):
-    path = Path(directory) / f"{run.name}.sbatch"
+def script_path(run, directory):
+    return Path(directory) / f"{run.name}.sbatch"
+
+
+def check_script_target(path, text, force=False):
+    """Raise SlurmError unless `text` may be written to `path`: the path is free, already holds exactly `text`, or
+    `force` allows replacing what it holds (a hand-edited script is never replaced silently)."""
+    path = Path(path)
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise SlurmError(f"{parent} is a file; expected a directory for the batch script {path.name}")
+            break
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise SlurmError(f"{path} exists and is not a file; expected the batch script of run {path.stem}")
+    if not force and path.read_bytes() != text.encode():
+        raise SlurmError(f"{path} differs from the batch script the sweep would write (edited by hand, or written "
+                         f"from another spec); move it away, or pass --force to replace it")
+
+
+def write_script_text(path, text):
+    """Write the batch script `text` to `path` atomically (an identical file is left as it is), executable."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(run, spec))
+    if not (path.is_file() and path.read_bytes() == text.encode()):
+        atomic_write_text(path, text)
     path.chmod(0o755)
     return path
 

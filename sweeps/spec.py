@@ -60,6 +60,7 @@ from pathlib import Path
 import checkpoint as ckpt
 from config import (MODEL_FIELDS, TRAIN_FIELDS, ConfigError, build_config, load_config, parse_value, read_config_file,
                     read_toml, split_setting, toml_literal, total_steps)
+from errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SELECTORS = ("size", "config")  # grid keys that choose the base config (not config keys)
@@ -67,7 +68,7 @@ SET_BY_SWEEP = {"out_dir": "<out_root>/<run name>"}
 NAMED_KEYS = ("pos_encoding", "kv_shift", "seed", "data_seed")  # always part of a name, in their own format
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     pass
 
 

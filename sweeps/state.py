@@ -1,7 +1,8 @@
 """
 What a run directory holds, read only from the files that train.py and the evaluations write:
 
-    training       the newest complete ckpt_* (checkpoint.list_checkpoints) and its meta.json (step, reason, time);
+    training       the newest ckpt_* (checkpoint.list_checkpoints) with a readable meta.json (step, reason, time; a
+                   newer one whose meta.json is missing or damaged is named in the status, never deleted);
                    finished when its step reaches config.total_steps(config), the test train.py itself applies
     zero_shot      eval/<final checkpoint>_zero_shot_*.json (eval/zero_shot.py), valid JSON
     extrapolation  eval/extrapolation_*.json (eval/extrapolation.py) holding the final checkpoint of this run,
@@ -34,16 +35,60 @@ from pathlib import Path
 
 import checkpoint as ckpt
 from config import ConfigError, check_resume_config
+from durable import atomic_write_text
+from errors import UserError, exit_status
+from lockfile import DirectoryLock
 
 EXIT_FINISHED, EXIT_OTHER, EXIT_TIME_LIMIT, EXIT_TERMINATED = 0, 1, 3, 4
 
 
+class RunDirError(UserError, ValueError):
+    """A run directory's file that the sweep reads is missing or unreadable."""
+
+
+def read_json(path, what):
+    """The JSON value in `path`; RunDirError naming the file and `what` it should hold when it is missing or not
+    valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{path} not found (expected {what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: not valid JSON ({e}); expected {what}") from None
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be read ({e.strerror}); expected {what}") from None
+
+
+def _checkpoint_meta(path):
+    """(meta.json's dict, None) of a checkpoint directory with a readable meta.json, else (None, why not). Only
+    meta.json is read: what the sweep decides (step, reason, config) is there; train.py verifies the rest."""
+    try:
+        meta = read_json(path / "meta.json", "the checkpoint's meta.json")
+    except RunDirError as e:
+        return None, str(e)
+    return (meta, None) if isinstance(meta, dict) else (None, "meta.json does not hold a JSON object")
+
+
+def newest_readable_checkpoint(out_dir):
+    """(step, path, meta) of the newest ckpt_* in out_dir with a readable meta.json (None when there is none), and
+    [(path, why)] of the newer ones passed over: a damaged checkpoint is reported, never deleted."""
+    skipped = []
+    for step, path in reversed(ckpt.list_checkpoints(out_dir)):
+        meta, why = _checkpoint_meta(path)
+        if meta is not None:
+            return (step, path, meta), skipped
+        skipped.append((path, why))
+    return None, skipped
+
+
 @dataclass
 class Training:
-    step: int  # of the newest complete checkpoint (0: none)
+    step: int  # of the newest readable checkpoint (0: none)
     total: int
     reason: str = ""  # why that checkpoint was saved: periodic, final, signal SIGUSR1, ...
     time: float = 0.0  # when (meta.json's epoch seconds)
+    skipped: tuple = ()  # (path, why) of newer checkpoints that could not be read
 
     @property
     def finished(self):
@@ -51,12 +96,12 @@ class Training:
 
 
 def training(out_dir, total):
-    found = ckpt.list_checkpoints(out_dir)
-    if not found:
-        return Training(step=0, total=total)
-    step, path = found[-1]
-    meta = ckpt.load_meta(path)
-    return Training(step=step, total=total, reason=meta.get("reason", ""), time=meta.get("time", 0.0))
+    newest, skipped = newest_readable_checkpoint(out_dir)
+    if newest is None:
+        return Training(step=0, total=total, skipped=tuple(skipped))
+    step, _, meta = newest
+    return Training(step=step, total=total, reason=meta.get("reason", ""), time=meta.get("time", 0.0),
+                    skipped=tuple(skipped))
 
 
 def _json_files(directory, pattern):
@@ -89,15 +134,19 @@ def conflict(run):
     """None, or why run.out_dir cannot take this run (it holds one with a different config)."""
     saved = []
     config_file = run.out_dir / "config.json"
-    if config_file.is_file():
-        saved.append((json.loads(config_file.read_text()), str(run.out_dir)))
-    latest = ckpt.latest_checkpoint(run.out_dir)
-    if latest is not None:
-        saved.append((ckpt.load_meta(latest)["config"], str(latest)))
     try:
+        if config_file.exists():
+            saved.append((read_json(config_file, "the run's resolved config (train.py writes it)"), str(run.out_dir)))
+        newest, _ = newest_readable_checkpoint(run.out_dir)
+        if newest is not None:
+            if not isinstance(newest[2].get("config"), dict):
+                return f"{newest[1] / 'meta.json'}: no 'config' entry (expected the config the checkpoint was saved with)"
+            saved.append((newest[2]["config"], str(newest[1])))
         for config, where in saved:
+            if not isinstance(config, dict):
+                return f"{where}: config.json does not hold a JSON object"
             check_resume_config(config, run.cfg, where)
-    except ConfigError as e:
+    except (ConfigError, RunDirError) as e:
         return str(e)
     return None
 
@@ -107,29 +156,40 @@ def describe(run):
     if problem := conflict(run):
         return f"conflict: {problem}"
     t = training(run.out_dir, run.total_steps)
+    damaged = "".join(f"; {path.name} unreadable: {why}" for path, why in t.skipped)
     if not t.finished:
-        return f"unfinished (step {t.step}/{t.total})" if t.step else "new"
+        return (f"unfinished (step {t.step}/{t.total}{damaged})" if t.step else f"new{damaged}")
     pending = pending_evals(run)
-    return f"trained, evals pending: {', '.join(e.name for e in pending)}" if pending else "done"
+    status = f"trained, evals pending: {', '.join(e.name for e in pending)}" if pending else "done"
+    return status + damaged
 
 
 def is_done(run):
     return training(run.out_dir, run.total_steps).finished and not pending_evals(run)
 
 
-def write_run_files(run, spec_path):
-    """config.json (only into a new directory: train.py keeps it afterwards) and sweep.json, before a launch."""
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run.out_dir / "config.json"
-    if not config_file.exists():
-        config_file.write_text(json.dumps(run.cfg.resolved_dict(), indent=1, sort_keys=True))
+def write_run_files(run, spec_path, also=()):
+    """config.json (only into a new directory: train.py keeps it afterwards), sweep.json, and `also` ((path, text)
+    pairs, e.g. the batch script), before a launch. Every file is written atomically, under the run directory's
+    lock (lockfile.DirectoryLock: refused while a training or another sweep holds it), which is released on
+    return, before the caller starts train.py, since train.py locks its out_dir with the same lock file."""
+    try:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"run directory {run.out_dir} cannot be created ({e.strerror})") from None
     record = dict(name=run.name, spec=str(spec_path), origin=run.origin, axes=run.axes, total_steps=run.total_steps,
                   train=run.train_args(), evals=[dict(name=e.name, args=list(e.args), lengths=list(e.lengths))
                                                  for e in run.evals])
-    (run.out_dir / "sweep.json").write_text(json.dumps(record, indent=1))
+    with DirectoryLock(run.out_dir, "scripts/sweep.py writing the run files"):
+        config_file = run.out_dir / "config.json"
+        if not config_file.exists():
+            atomic_write_text(config_file, json.dumps(run.cfg.resolved_dict(), indent=1, sort_keys=True))
+        atomic_write_text(run.out_dir / "sweep.json", json.dumps(record, indent=1))
+        for path, text in also:
+            atomic_write_text(path, text)
 
 
-def main(argv=None):
+def _main(argv):
     p = argparse.ArgumentParser(prog="python -m sweeps.state", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
@@ -137,15 +197,14 @@ def main(argv=None):
     p.add_argument("--eval", default=None, help="check this evaluation instead of training")
     args = p.parse_args(argv)
     record_file = Path(args.run_dir) / "sweep.json"
-    if not record_file.is_file():
-        print(f"error: {record_file} not found (written by scripts/sweep.py before a launch)", file=sys.stderr)
-        return 2
-    record = json.loads(record_file.read_text())
+    record = read_json(record_file, "the run's record, written by scripts/sweep.py before a launch")
+    if not isinstance(record, dict) or not {"name", "total_steps", "evals"} <= set(record):
+        raise RunDirError(f"{record_file}: expected an object with name, total_steps and evals (written by "
+                          f"scripts/sweep.py)")
     if args.eval is not None:
         evals = {e["name"]: e for e in record["evals"]}
         if args.eval not in evals:
-            print(f"error: {args.run_dir} chains no evaluation {args.eval!r} ({', '.join(evals)})", file=sys.stderr)
-            return 2
+            raise RunDirError(f"{args.run_dir} chains no evaluation {args.eval!r} ({', '.join(evals)})")
         done = eval_done(args.run_dir, args.eval, record["total_steps"], evals[args.eval]["lengths"])
         print(f"{record['name']}: {args.eval} {'done' if done else 'pending'}")
         return 0 if done else 1
@@ -156,6 +215,11 @@ def main(argv=None):
     if args.since is not None and t.time >= args.since and t.reason.startswith("signal"):
         return EXIT_TERMINATED if "SIGTERM" in t.reason else EXIT_TIME_LIMIT
     return EXIT_OTHER
+
+
+def main(argv=None):
+    """Exit statuses as in the module docstring; 2 with one error line for a missing or unreadable sweep.json."""
+    return exit_status(_main, argv)
 
 
 if __name__ == "__main__":
