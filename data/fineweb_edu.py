@@ -39,6 +39,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -52,6 +53,7 @@ from data import shards, tokenizer  # noqa: E402
 from data.manifest import MANIFEST, PrepError, load_for_resume, lock_dir, write_manifest  # noqa: E402
 from data.shard_writer import ShardWriter  # noqa: E402
 from data.sources import FINEWEB_EDU, FINEWEB_EDU_VERSIONS, FileSource, HFSource  # noqa: E402
+from errors import UserError, exit_status  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO / "data" / "sample"
@@ -75,10 +77,13 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
     max_shards: stop once this many shards (including shard 0) exist; a later call continues.
     """
     if not 1 <= shard_size <= shards.MAX_SHARD_TOKENS:
-        raise ValueError(f"shard_size must be in [1, {shards.MAX_SHARD_TOKENS}], got {shard_size}")
+        raise PrepError(f"--shard-size: expected a token count in [1, {shards.MAX_SHARD_TOKENS}], got {shard_size}")
+    if workers is not None and workers < 0:
+        raise PrepError(f"--workers: expected 0 (tokenize in this process) or a number of processes, got {workers}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_dir(out_dir)
+    had_manifest = (out_dir / MANIFEST).exists()
     try:
         identity = {"format": FORMAT, "source": source.identity(),
                     "tokenizer": tokenizer.tokenizer_identity(tokenizer_name),
@@ -97,10 +102,19 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
             _log(f"{len(records)} shards exist, max_shards={max_shards}: nothing to do")
             return manifest
         writer = ShardWriter(out_dir, manifest, shard_size, prefix, max_shards)
-        _run(source, writer, workers, batch_docs, tokenizer_name, progress)
+        try:
+            _run(source, writer, workers, batch_docs, tokenizer_name, progress)
+        except EmptyInputError:
+            if not had_manifest:  # leave the directory as it was found: a corrected input then starts afresh
+                (out_dir / MANIFEST).unlink(missing_ok=True)
+            raise
         return manifest
     finally:
         lock.close()
+
+
+class EmptyInputError(PrepError):
+    """The source holds no document: there is nothing to tokenize (and no manifest is marked complete)."""
 
 
 def _log(msg: str) -> None:
@@ -182,6 +196,9 @@ def _run(source, writer: ShardWriter, workers, batch_docs, tokenizer_name, progr
             if writer.full:
                 break
         else:
+            if docs == 0:
+                raise EmptyInputError(f"nothing to tokenize: {_describe_source(source)} holds no documents "
+                                      f"(expected at least one non-empty document)")
             writer.finish(documents=docs)
     done = writer.manifest["complete"]
     _log(f"{'done' if done else 'stopped'}: {len(writer.records)} shards, {writer.tokens:,} tokens in "
@@ -191,11 +208,42 @@ def _run(source, writer: ShardWriter, workers, batch_docs, tokenizer_name, progr
              "(use a smaller --shard-size)")
 
 
+def _describe_source(source) -> str:
+    """The input files of a source, or its dataset name, for messages."""
+    identity = source.identity()
+    files = [f.get("name", "?") if isinstance(f, dict) else str(f) for f in identity.get("files", [])]
+    return f"the input {', '.join(files)}" if files else f"the dataset {identity.get('path', identity)}"
+
+
 def _count(s: str) -> int:
-    v = float(s)
-    if v != int(v) or v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer token count, got {s}")
+    try:
+        v = float(s)
+    except ValueError:
+        v = 0.0
+    if not math.isfinite(v) or v != int(v) or v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer token count, got {s!r}")
     return int(v)
+
+
+def _workers(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (tokenize in this process) or a positive number of "
+                                         f"processes, got {s!r}")
+    return v
+
+
+def _max_shards(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of shards, got {s!r}")
+    return v
 
 
 def _recorded_revision(out_dir: Path) -> str | None:
@@ -234,7 +282,12 @@ def _prepare_from_args(ap, args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    """Exit status 0, or 2 with one `error: ...` line for an unusable input, flag or output directory."""
+    return exit_status(_main, argv)
+
+
+def _main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data.fineweb_edu", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Shard format: data/shards.py. Loader: data/loader.py. Docs: data/README.md.")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -255,19 +308,21 @@ def main(argv=None) -> int:
     ap.add_argument("--revision", default=None,
                     help="Hugging Face dataset revision to use (default: main on a first run; a re-run continues with "
                          "the commit recorded in the manifest)")
-    ap.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all usable CPUs)")
-    ap.add_argument("--max-shards", type=int, default=None,
+    ap.add_argument("--workers", type=_workers, default=None,
+                    help="tokenizer processes (default: all usable CPUs; 0: in this process)")
+    ap.add_argument("--max-shards", type=_max_shards, default=None,
                     help="stop after this many shards exist (re-run without it to continue)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     try:
         return _prepare_from_args(ap, args)
-    except (PrepError, shards.ShardError, ValueError, OSError) as e:
+    except UserError:
+        raise
+    except OSError as e:  # the environment (a full disk, permissions, the network), not a bug: no traceback
         hint = " (--version streams from the Hugging Face Hub, which must be reachable; a re-run resumes)" \
-            if args.version and isinstance(e, OSError) else ""
-        _log(f"error: {e}{hint}")
-        return 2
+            if args.version else ""
+        raise PrepError(f"{e}{hint}") from None
 
 
 if __name__ == "__main__":

@@ -59,13 +59,14 @@ from data import shards
 from data.permutation import Permutation
 from data.shards import ShardError
 from data.tokenizer import EOT
+from errors import UserError
 
 IGNORE_INDEX = -1      # target value of padding rows in ValidationSet.batches(pad=True)
 _ORDER_CHUNK = 1 << 16  # permutation values computed per vectorised call and cached
 STATE_VERSION = 1
 
 
-class LoaderStateError(ValueError):
+class LoaderStateError(UserError, ValueError):
     """A saved loader state that does not fit this loader (different data, seed, sequence length, ...)."""
 
 

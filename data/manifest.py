@@ -28,12 +28,13 @@ from pathlib import Path
 
 from data import shards
 from durable import atomic_write_text, is_temp_file
+from errors import UserError
 
 MANIFEST = "manifest.json"
 _LOCK = ".lock"
 
 
-class PrepError(RuntimeError):
+class PrepError(UserError, RuntimeError):
     """The output directory cannot be used (different identity, foreign files, locked by another run)."""
 
 

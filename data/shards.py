@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from durable import atomic_write_bytes
+from errors import UserError, exit_status
 
 MAGIC = 20240520
 VERSION = 1
@@ -51,7 +52,7 @@ _LLAMA3_MAGIC, _LLAMA3_VERSION = 20240801, 7  # llm.c's uint32 flavour: recognis
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.bin$")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard file that is malformed, truncated, or holds tokens the model cannot embed."""
 
 
@@ -174,9 +175,26 @@ def find_shards(dir_or_glob, split: str) -> list[Path]:
     return paths
 
 
+def _recorded_checksums(manifest: Path) -> dict:
+    """{shard file name: sha256} from a preparation's manifest.json (format in data/manifest.py)."""
+    import json
+
+    if not manifest.is_file():
+        raise ShardError(f"--checksums needs {manifest} (written by python -m data.fineweb_edu)")
+    try:
+        return {s["file"]: s["sha256"] for s in json.loads(manifest.read_text())["shards"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e}); expected the 'shards' list "
+                         f"of data/manifest.py") from None
+
+
+def main(argv=None) -> int:
+    """Exit status: 0 all shards valid, 1 some bad or none found, 2 an unusable argument (one error line)."""
+    return exit_status(_main, argv)
+
+
 def _main(argv=None) -> int:
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description="Validate llm.c-format token shards.")
     ap.add_argument("path", help="shard directory or glob")
@@ -190,10 +208,7 @@ def _main(argv=None) -> int:
     recorded = {}
     manifest = Path(args.path) / "manifest.json"
     if args.checksums:
-        if not manifest.is_file():
-            print(f"error: --checksums needs {manifest}")
-            return 2
-        recorded = {s["file"]: s["sha256"] for s in json.loads(manifest.read_text())["shards"]}
+        recorded = _recorded_checksums(manifest)
     total, bad = 0, 0
     for p in paths:
         try:
@@ -212,4 +227,4 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(main())

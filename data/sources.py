@@ -43,9 +43,19 @@ import sys
 import time
 from pathlib import Path
 
+from errors import UserError
+
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 # --version -> (dataset config, nominal GPT-2 tokens; FineWeb-Edu's samples are defined by GPT-2 token counts)
 FINEWEB_EDU_VERSIONS = {"10B": ("sample-10BT", 10e9), "100B": ("sample-100BT", 100e9), "350B": ("sample-350BT", 350e9)}
+
+
+class SourceError(UserError, ValueError):
+    """An input that cannot be read as documents (unsupported type, bad encoding, missing text field)."""
+
+
+class InputNotFoundError(SourceError, FileNotFoundError):
+    """An input file that does not exist."""
 
 
 def _kind(path: Path) -> str:
@@ -56,7 +66,7 @@ def _kind(path: Path) -> str:
         return "jsonl"
     if name.endswith((".txt", ".txt.gz")):
         return "txt"
-    raise ValueError(f"{path}: unsupported input type (expected .parquet, .jsonl[.gz], .ndjson[.gz] or .txt[.gz])")
+    raise SourceError(f"{path}: unsupported input type (expected .parquet, .jsonl[.gz], .ndjson[.gz] or .txt[.gz])")
 
 
 def _open_text(path: Path):
@@ -70,7 +80,7 @@ def _lines(path: Path):
         try:
             yield from f
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not valid UTF-8 ({e})") from e
+            raise SourceError(f"{path}: not valid UTF-8 ({e})") from e
 
 
 def _read_txt(path: Path, skip: int):
@@ -98,10 +108,10 @@ def _read_jsonl(path: Path, skip: int, text_key: str):
             try:
                 text = json.loads(line)[text_key]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field "
+                raise SourceError(f"{path}:{lineno}: expected a JSON object with a string field "
                                  f"{text_key!r} ({type(e).__name__}: {e})") from e
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {text_key!r} is {type(text).__name__}, expected str")
+                raise SourceError(f"{path}:{lineno}: field {text_key!r} is {type(text).__name__}, expected str")
             yield text
         count += 1
 
@@ -111,7 +121,7 @@ def _read_parquet(path, skip: int, text_key: str, fileobj=None):
 
     pf = pq.ParquetFile(fileobj if fileobj is not None else path)
     if text_key not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column {text_key!r} (columns: {pf.schema_arrow.names})")
+        raise SourceError(f"{path}: no column {text_key!r} (columns: {pf.schema_arrow.names})")
     first, before = 0, 0  # skip whole row groups via the metadata, then rows inside the first one read
     while first < pf.num_row_groups and before + pf.metadata.row_group(first).num_rows <= skip:
         before += pf.metadata.row_group(first).num_rows
@@ -123,7 +133,7 @@ def _read_parquet(path, skip: int, text_key: str, fileobj=None):
             texts, drop = texts[drop:], max(0, drop - len(texts))
         for t in texts:
             if not isinstance(t, str):
-                raise ValueError(f"{path}: column {text_key!r} holds {type(t).__name__}, expected str")
+                raise SourceError(f"{path}: column {text_key!r} holds {type(t).__name__}, expected str")
             yield t
 
 
@@ -161,14 +171,14 @@ class FileSource(_FileStream):
     def __init__(self, paths, text_key: str = "text"):
         self.paths = [Path(p) for p in paths]
         if not self.paths:
-            raise ValueError("no input files")
+            raise SourceError("no input files")
         for p in self.paths:
             if not p.is_file():
-                raise FileNotFoundError(f"{p}: input file not found")
+                raise InputNotFoundError(f"{p}: input file not found")
             _kind(p)
         names = [p.name for p in self.paths]
         if len(set(names)) != len(names):
-            raise ValueError(f"input file names must be distinct (they identify the inputs in the manifest): {names}")
+            raise SourceError(f"input file names must be distinct (they identify the inputs in the manifest): {names}")
         self.text_key = text_key
         self._identity = None
 
@@ -242,11 +252,11 @@ class HFSource(_FileStream):
 
             builder = load_dataset_builder(self.path, self.name, revision=self.revision, data_files=self.data_files)
             if self.split not in (builder.config.data_files or {}):
-                raise ValueError(f"{self.path} ({self.name}): no data files for split {self.split!r}")
+                raise SourceError(f"{self.path} ({self.name}): no data files for split {self.split!r}")
             files = [str(f) for f in builder.config.data_files[self.split]]
             bad = [f for f in files if not f.lower().endswith(".parquet")]
             if bad:
-                raise ValueError(f"{self.path} ({self.name}): only parquet data files are supported, got {bad[:3]}")
+                raise SourceError(f"{self.path} ({self.name}): only parquet data files are supported, got {bad[:3]}")
             commits = {m.group(1) for f in files if (m := re.search(r"@([0-9a-f]{40})/", f))}
             if len(commits) == 1:
                 self._commit = commits.pop()

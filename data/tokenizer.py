@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import UserError
+
 EOT = 50256          # <|endoftext|>, the document delimiter
 GPT2_N_VOCAB = 50257
 BYTES_EOT = 256      # the byte tokenizer's document delimiter (ids 0..255 are the bytes themselves)
@@ -47,7 +49,7 @@ GPT2_FILES = {
 _GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(UserError, ValueError):
     """A local BPE file whose content is not the genuine GPT-2 file."""
 
 

@@ -171,3 +171,44 @@ def test_embedded_sample_prepares_with_the_cli(tmp_path):
         ("sample_val_000000.bin", 131072), ("sample_train_000001.bin", 131072)]
     head = shards.open_shard(out / "data_val_000000.bin")[:131072]
     assert np.array_equal(shards.open_shard(tmp_path / "s/sample_val_000000.bin"), head)
+
+
+def test_empty_input_is_an_error_and_leaves_no_manifest(tmp_path, capsys):
+    empty, out = tmp_path / "empty.txt", tmp_path / "O"
+    empty.write_text("")
+    assert fineweb_edu.main(["--input", str(empty), "--out", str(out), "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: nothing to tokenize: the input empty.txt holds no documents" in err, err
+    assert "warning" not in err and not (out / "manifest.json").exists()
+    write_txt(empty, ["one document"])  # the corrected input prepares into the same directory
+    assert fineweb_edu.main(["--input", str(empty), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+
+
+@pytest.mark.parametrize("flag, value", [("--workers", "-1"), ("--workers", "two"), ("--shard-size", "0"),
+                                         ("--shard-size", "abc"), ("--shard-size", "1.5"), ("--max-shards", "0")])
+def test_bad_prep_flags_are_named(tmp_path, capsys, flag, value):
+    (tmp_path / "a.txt").write_text("text\n")
+    with pytest.raises(SystemExit) as stop:
+        fineweb_edu.main(["--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "O"), flag, value])
+    assert stop.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("python -m data.fineweb_edu: error: argument ") and flag in line and repr(value) in line
+    assert not (tmp_path / "O").exists()
+
+
+def test_prepare_names_a_bad_worker_count_or_shard_size(tmp_path):
+    source = FileSource([write_txt(tmp_path / "a.txt", ["text"])])
+    with pytest.raises(PrepError, match="--workers: expected 0 .* got -1"):
+        prepare(source, tmp_path / "O", shard_size=10, workers=-1)
+    with pytest.raises(PrepError, match=r"--shard-size: expected a token count in \[1, "):
+        prepare(source, tmp_path / "O", shard_size=0)
+    assert not (tmp_path / "O").exists()
+
+
+def test_a_missing_or_unsupported_input_is_one_error_line(tmp_path, capsys):
+    assert fineweb_edu.main(["--input", str(tmp_path / "none.txt"), "--out", str(tmp_path / "O")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.txt'}: input file not found\n"
+    (tmp_path / "a.csv").write_text("x")
+    assert fineweb_edu.main(["--input", str(tmp_path / "a.csv"), "--out", str(tmp_path / "O")]) == 2
+    assert "a.csv: unsupported input type" in capsys.readouterr().err
