@@ -8,17 +8,22 @@ overwritten. The out dir defaults to <run dir>/eval, next to the checkpoint dire
 prunes old checkpoint directories).
 
 Exit status: 0, or 2 with one line "error: ..." on stderr for bad input (every error that names a bad checkpoint,
-data directory, flag value or task is a ValueError).
+data directory, flag value or task is an errors.UserError: EvalError here, checkpoint.CheckpointError,
+config.ConfigError, ...); any other exception is a bug and keeps its traceback.
 """
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from device import DTYPES
+from errors import UserError, exit_status
 from eval.load import set_offline_defaults
+
+
+class EvalError(UserError, ValueError):
+    """A flag value, label or data that an evaluation cannot use; the message names it and what was expected."""
 
 
 def checkpoints_parser(prog, description):
@@ -43,7 +48,7 @@ def checkpoint_labels(label_arg, checkpoints):
     """--label's comma-separated names, one per checkpoint; None for each when not given."""
     labels = label_arg.split(",") if label_arg else [None] * len(checkpoints)
     if len(labels) != len(checkpoints):
-        raise ValueError(f"--label has {len(labels)} names for {len(checkpoints)} checkpoints")
+        raise EvalError(f"--label has {len(labels)} names for {len(checkpoints)} checkpoints")
     return labels
 
 
@@ -88,18 +93,17 @@ def write_result(result, stem, plot, indent=None):
 
 def command_main(parse_args, run, render):
     """The main(argv=None) of an evaluation command: parse argv, set the Hub offline defaults, and call run(args) ->
-    (result, the files it wrote); then print render(result) and the files (exit status 0), or one error line
-    (status 2)."""
-    def main(argv=None):
+    (result, the files it wrote); then print render(result) and the files (exit status 0), or one error line for
+    a UserError (status 2, errors.exit_status); other exceptions are bugs and propagate with their traceback."""
+    def evaluate(argv):
         args = parse_args(argv)
         set_offline_defaults()
-        try:
-            result, written = run(args)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        result, written = run(args)
         print(render(result))
         print("wrote " + "\n      ".join(map(str, written)))
         return 0
+
+    def main(argv=None):
+        return exit_status(evaluate, argv)
 
     return main

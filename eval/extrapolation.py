@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.command import (add_model_args, checkpoint_labels, checkpoints_parser, command_main, default_label,
-                          output_stem, utc_time, write_result)
+from eval.command import (EvalError, add_model_args, checkpoint_labels, checkpoints_parser, command_main,
+                          default_label, output_stem, utc_time, write_result)
 from eval.load import Checkpoint
 from eval.scoring import token_losses
 
 
-class DataError(ValueError):
-    pass
+class DataError(EvalError):
+    """No usable validation data: a missing directory or shard, or too few tokens for a length."""
 
 
 def validation_tokens(data_dir, max_tokens=None):
@@ -89,7 +89,7 @@ def check_length_spec(spec):
     spec = str(spec).strip()
     number = _length_number(spec)
     if number is None or not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{spec!r} is not a length: expected {LENGTH_FORMAT}")
+        raise EvalError(f"{spec!r} is not a length: expected {LENGTH_FORMAT}")
     return spec
 
 
@@ -130,7 +130,7 @@ def parse_length(spec, block_size):
     spec = check_length_spec(spec)
     value = int(float(spec[:-1]) * block_size) if spec.endswith("x") else int(spec)
     if value <= 0:
-        raise ValueError(f"length {spec!r} is not positive (it rounds to {value} tokens at block_size {block_size})")
+        raise EvalError(f"length {spec!r} is not positive (it rounds to {value} tokens at block_size {block_size})")
     return value
 
 
@@ -296,7 +296,7 @@ def check_scaling_kinds(kinds):
 
     for kind in kinds:
         if kind not in ROPE_SCALINGS or kind == "none":
-            raise ValueError(f"--rope-scaling: unknown kind {kind!r}; expected some of {ROPE_SCALINGS[1:]}")
+            raise EvalError(f"--rope-scaling: unknown kind {kind!r}; expected some of {ROPE_SCALINGS[1:]}")
 
 
 def scaled_variants(checkpoint, overrides, kinds, factor, lengths):
@@ -325,7 +325,7 @@ def trained_lengths(checkpoint, specs):
     try:
         return [parse_length(spec, block_size) for spec in specs]
     except ValueError as e:
-        raise ValueError(f"--lengths, checkpoint {checkpoint.path}: {e}") from None
+        raise EvalError(f"--lengths, checkpoint {checkpoint.path}: {e}") from None
 
 
 def override_lists(args, labels):
@@ -334,7 +334,7 @@ def override_lists(args, labels):
     for item in args.override_for:
         label, _, kv = item.partition(":")
         if label not in labels:
-            raise ValueError(f"--override-for {item!r}: no checkpoint labelled {label!r} (labels: {labels})")
+            raise EvalError(f"--override-for {item!r}: no checkpoint labelled {label!r} (labels: {labels})")
         per_label[label].append(kv)
     return per_label
 

@@ -22,6 +22,7 @@ checkpoint's run directory unless --out): passkey_<UTC time>.json (every trial: 
 accuracy heat map per checkpoint, depth x length), and a markdown table on stdout.
 """
 
+import argparse
 import random
 import re
 import sys
@@ -29,8 +30,8 @@ import sys
 import torch
 
 from data.tokenizer import EOT, GPT2_N_VOCAB, gpt2_encoding
-from eval.command import (add_model_args, checkpoint_labels, checkpoints_parser, command_main, default_label,
-                          output_stem, utc_time, write_result)
+from eval.command import (EvalError, add_model_args, checkpoint_labels, checkpoints_parser, command_main,
+                          default_label, output_stem, utc_time, write_result)
 from eval.extrapolation import LENGTH_FORMAT, length_list, parse_length, positive_int
 from eval.load import load
 
@@ -49,7 +50,7 @@ def build_prompt(enc, key, length, depth):
     fixed = len(intro) + len(needle) + len(question)
     copies = (length - fixed) // len(filler)
     if copies < 0:
-        raise ValueError(f"a passkey prompt needs at least {fixed} tokens; length {length} is too short")
+        raise EvalError(f"a passkey prompt needs at least {fixed} tokens; length {length} is too short")
     before = round(depth * copies)
     ids = intro + filler * before + needle + filler * (copies - before) + question
     return ids, copies
@@ -146,10 +147,21 @@ def plot(result, path):
     plt.close(fig)
 
 
+def depth_list(text):
+    """argparse type of --depths: 'a,b,...' -> [floats], each in [0, 1], at least one."""
+    try:
+        depths = [float(d) for d in str(text).split(",") if d.strip()]
+    except ValueError:
+        depths = []
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths in [0, 1], got {text!r}")
+    return depths
+
+
 def parse_args(argv):
     p = checkpoints_parser("python -m eval.passkey", __doc__)
     p.add_argument("--lengths", type=length_list, default="1x,2x,4x,8x", help=f"comma-separated: {LENGTH_FORMAT}")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p.add_argument("--depths", type=depth_list, default="0,0.25,0.5,0.75,1", help="comma-separated, each in [0, 1]")
     p.add_argument("--trials", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=4)
@@ -160,9 +172,7 @@ def parse_args(argv):
 def run(args):
     """Evaluate every checkpoint; write <stem>.json and .png; (result, [those files])."""
     labels = checkpoint_labels(args.label, args.checkpoint)
-    depths = [float(d) for d in args.depths.split(",") if d.strip()]
-    if any(not 0 <= d <= 1 for d in depths):
-        raise ValueError(f"--depths must lie in [0, 1], got {depths}")
+    depths = args.depths
     lengths = args.lengths
     result = dict(lengths=lengths, depths=depths, trials=args.trials, seed=args.seed, dtype=args.dtype,
                   prompt=dict(intro=INTRO, filler=FILLER, needle=NEEDLE, question=QUESTION),

@@ -45,6 +45,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import UserError, exit_status
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT / "eval" / "data"
 TAG = "paper7_local"
@@ -83,7 +85,7 @@ TASKS_BY_NAME = {t.name: t for t in TASKS}
 TASK_GROUPS = {"paper7": [t.name for t in TASKS]}
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserError, ValueError):
     pass
 
 
@@ -362,6 +364,11 @@ def check_local_data(data_dir, tasks):
 
 
 def main(argv=None):
+    """Exit status 0, or 2 with one error line for missing or unusable task data (errors.exit_status)."""
+    return exit_status(_main, argv)
+
+
+def _main(argv):
     p = argparse.ArgumentParser(prog="python -m eval.tasks", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -380,9 +387,8 @@ def main(argv=None):
             print(f"task YAMLs: {Path(args.out).resolve() / 'tasks'} (lm-eval --include_path; tag {TAG})")
         else:
             print(write_task_yamls(args.data_dir))
-    except (TaskDataError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except subprocess.CalledProcessError as e:
+        raise TaskDataError(str(e)) from None
     return 0
 
 

@@ -37,3 +37,21 @@ def test_good_lengths_parse_to_their_specs():
     args = extrapolation.parse_args(["--checkpoint", "c", "--lengths", " 1x, 0.5x ,300,"])
     assert args.lengths == ["1x", "0.5x", "300"] and args.modes == ["nonoverlap", "sliding"]
     assert extrapolation.parse_args(["--checkpoint", "c"]).lengths == ["1x", "2x", "4x", "8x", "16x"]
+
+
+def test_passkey_depths_are_checked_at_parse_time(tmp_path, capsys):
+    line = _parse_error(passkey.main, ["--checkpoint", str(tmp_path / "nockpt"), "--depths", "0,half"], capsys)
+    assert "argument --depths" in line and "'0,half'" in line and "[0, 1]" in line, line
+
+
+def test_an_evaluation_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
+    from eval.command import EvalError, command_main
+
+    def run(args):
+        raise args
+
+    main = command_main(lambda argv: argv, run, str)
+    assert main(EvalError("--label has 2 names for 1 checkpoints")) == 2
+    assert capsys.readouterr().err == "error: --label has 2 names for 1 checkpoints\n"
+    with pytest.raises(ValueError, match="a bug"):
+        main(ValueError("a bug"))
