@@ -9,11 +9,23 @@ Layout of one checkpoint (a directory under the run's out_dir):
         meta.json         step, tokens seen, data-loader state, resolved config, git revision, world size, and
                           the environment a bitwise continuation depends on (`environment`)
         rng_rank{r}.pt    each rank's python/numpy/torch(/cuda) RNG states
+        manifest.json     {"format": "size+crc32_head_tail", "files": {name: {"size": bytes, "crc32": int}}} for
+                          every other file: its size and zlib.crc32 of its first and last MiB (the whole file when
+                          it is under 2 MiB), written last, before publishing
 
 Atomicity: everything is written into `out_dir/.tmp_ckpt_0001000/`, flushed and fsync'ed; then rank 0 renames the
 directory to its final name (one rename, atomic on POSIX file systems). A directory named `ckpt_*` is therefore
 always complete; a crash mid-write leaves only a `.tmp_*` directory, which the next save of that step replaces and
 which is never loaded. Pruning runs after the rename, so the newest complete checkpoint is never deleted.
+
+Verification (`verify_files`, cheap: sizes and 2 MiB per file; `load_for_resume`, exact: every file loaded too):
+a checkpoint verifies when every file its manifest lists is present with that size and checksum, meta.json parses,
+and (for a resume) model.pt, optimizer.pt and the resuming rank's rng_rank{r}.pt load. A checkpoint written before
+manifests existed verifies on what can be checked without one: the files present and loadable. The checksum covers
+truncation, deletion and damage near either end of a file (where a torn write lands), not a flipped bit inside:
+torch.load catches most of those on resume. `newest_resumable` takes the newest checkpoint that verifies, naming
+each newer one it skips and why; a damaged checkpoint is never deleted: `prune` counts and deletes only checkpoints
+that verify, and a damaged one that a new save of its step would replace is renamed to `<name>.damaged` instead.
 
 A model-only checkpoint (`save_model_only`: e.g. a model built in Python, to be evaluated) is the same directory with
 model.pt and meta.json (step, tokens, config) only, published the same way. Readers take a checkpoint directory or a
@@ -28,18 +40,25 @@ import random
 import re
 import shutil
 import subprocess
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from durable import fsync_dir, fsync_file
+from durable import atomic_write_text, fsync_dir, fsync_file
+from errors import UserError
 
 CKPT_RE = re.compile(r"^ckpt_(\d{7,})$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "size+crc32_head_tail"
+CHECKSUM_SPAN = 1 << 20  # bytes read from each end of a file for its checksum
+DAMAGED_SUFFIX = ".damaged"
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, incomplete, damaged or of the wrong kind; the message names path and file."""
 
 
 def checkpoint_name(step):
@@ -110,12 +129,84 @@ def publish(out_dir, step):
     tmp, final = staging_dir(out_dir, step), Path(out_dir) / checkpoint_name(step)
     for path in tmp.iterdir():
         fsync_file(path)
+    write_manifest(tmp)
     fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. a pre-emption right after a periodic save)
-        shutil.rmtree(final)
+        _set_aside_or_remove(final)
     os.rename(tmp, final)
     fsync_dir(out_dir)
     return final
+
+
+def _file_checksum(path):
+    """zlib.crc32 of the first and last CHECKSUM_SPAN bytes of `path` (of all of it when shorter than both)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        crc = zlib.crc32(f.read(CHECKSUM_SPAN))
+        if size > 2 * CHECKSUM_SPAN:
+            f.seek(size - CHECKSUM_SPAN)
+        crc = zlib.crc32(f.read(), crc)
+    return crc
+
+
+def write_manifest(tmp):
+    """manifest.json of the staged checkpoint `tmp`: size and checksum of every file in it (the module docstring
+    has the format). Written atomically, after every other file, so a manifest always describes complete files."""
+    files = {p.name: dict(size=p.stat().st_size, crc32=_file_checksum(p))
+             for p in sorted(Path(tmp).iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_text(Path(tmp) / MANIFEST, json.dumps(dict(format=MANIFEST_FORMAT, files=files), indent=1))
+
+
+def _read_manifest(path):
+    """The file records of checkpoint `path`'s manifest, or None for a checkpoint written before manifests."""
+    file = Path(path) / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+        return dict(manifest["files"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def verify_files(path):
+    """Raise CheckpointError naming the first problem of checkpoint `path` that is found without loading tensors:
+    a file of its manifest missing, of another size or checksum; meta.json missing or not JSON; model.pt missing."""
+    path = Path(path)
+    for name, record in (_read_manifest(path) or {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing (listed in {MANIFEST})")
+        if file.stat().st_size != record["size"]:
+            raise CheckpointError(f"checkpoint {path}: {name} has {file.stat().st_size} bytes, {MANIFEST} says "
+                                  f"{record['size']} (truncated or replaced)")
+        if _file_checksum(file) != record["crc32"]:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum in {MANIFEST} (damaged)")
+    if not (path / "model.pt").is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: model.pt is missing")
+    load_meta(path)
+
+
+def is_verified(path):
+    try:
+        verify_files(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _set_aside_or_remove(path):
+    """Make room for a new save of the step of checkpoint `path`: an intact one is removed, a damaged one renamed
+    to <name>.damaged (kept for inspection: a damaged checkpoint is never deleted)."""
+    if is_verified(path):
+        shutil.rmtree(path)
+        return
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}{DAMAGED_SUFFIX}{n}"), n + 1
+    print(f"warning: {path} does not verify; kept as {aside}", flush=True)
+    os.rename(path, aside)
 
 
 def save_model_only(model, out_dir, step=0, tokens=0, extra_config=None):
@@ -134,8 +225,10 @@ def save_model_only(model, out_dir, step=0, tokens=0, extra_config=None):
 
 
 def prune(out_dir, keep_last, keep_every):
-    """Delete all but the newest keep_last checkpoints, sparing steps that are multiples of keep_every."""
-    found = list_checkpoints(out_dir)
+    """Delete all but the newest keep_last checkpoints that verify (verify_files), sparing steps that are multiples
+    of keep_every. A checkpoint that does not verify is neither counted nor deleted: the newest checkpoint that
+    verifies is never deleted in favour of a damaged one, and a damaged one stays for inspection."""
+    found = [(step, path) for step, path in list_checkpoints(out_dir) if is_verified(path)]
     for step, path in found[:-keep_last] if keep_last > 0 else found:
         if keep_every and step % keep_every == 0:
             continue
@@ -164,10 +257,16 @@ def resolve_checkpoint(path):
 
 def load_meta(path):
     """The meta.json of the checkpoint directory `path` as a dict."""
+    file = Path(path) / "meta.json"
     try:
-        return json.loads((Path(path) / "meta.json").read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: meta.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: meta.json must hold a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def _read_state(file, weights_only):
@@ -189,8 +288,54 @@ def load_states(path, optimizer=True):
 
 
 def load_rank_rng(path, rank):
+    """Rank `rank`'s RNG states saved in checkpoint `path`; a missing or unreadable file is a CheckpointError."""
     file = Path(path) / f"rng_rank{rank}.pt"
-    return torch.load(file, weights_only=False) if file.exists() else None
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {file.name} is missing (every rank of the run that "
+                              f"saved writes its own)")
+    return _read_state(file, weights_only=False)
+
+
+@dataclass
+class ResumeState:
+    """Everything one rank restores from a checkpoint, loaded and checked (load_for_resume)."""
+    path: Path
+    meta: dict
+    model_state: dict
+    optimizer_state: dict
+    rng: dict | None  # None when the world size differs from the saving run's (RNG streams cannot carry over)
+
+
+def load_for_resume(path, rank, world_size):
+    """Checkpoint `path` fully verified and loaded for rank `rank` of `world_size`: files against the manifest,
+    meta.json with the keys a resume reads, model.pt, optimizer.pt and (same world size) rng_rank{rank}.pt loaded."""
+    verify_files(path)
+    meta = load_meta(path)
+    missing = [k for k in ("step", "tokens", "loader", "config", "world_size") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: meta.json lacks {missing} (a model-only checkpoint cannot resume "
+                              f"a training)")
+    model_state, optimizer_state = load_states(path)
+    rng = load_rank_rng(path, rank) if meta["world_size"] == world_size else None
+    return ResumeState(Path(path), meta, model_state, optimizer_state, rng)
+
+
+def newest_resumable(out_dir, rank, world_size, at_most=None, report=print):
+    """load_for_resume of the newest checkpoint in out_dir (of a step <= at_most, when given) that verifies, or None
+    when out_dir has no checkpoint. Each newer one that does not verify is skipped with a line through `report`
+    saying why, and left in place. Checkpoints exist but none verifies: CheckpointError listing why each failed."""
+    found = [(s, p) for s, p in list_checkpoints(out_dir) if at_most is None or s <= at_most]
+    problems = []
+    for step, path in reversed(found):
+        try:
+            return load_for_resume(path, rank, world_size)
+        except CheckpointError as e:
+            problems.append(str(e))
+            report(f"warning: skipping checkpoint {path}: {e}; trying an older one (it is kept as it is)")
+    if problems:
+        raise CheckpointError(f"no checkpoint in {out_dir} verifies: {'; '.join(problems)}. Restore one, or start "
+                              f"over in another out_dir")
+    return None
 
 
 def _cpu_name():

@@ -19,6 +19,9 @@ updates a config makes (`total_steps`) and which keys a resumed run may change (
 """
 
 import difflib
+import json
+import re
+import sys
 import tomllib
 import types
 import typing
@@ -26,11 +29,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from device import DTYPES
+from errors import UserError
 from model import GPTConfig
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A bad config file, key or value; the message names where it was given (file or command line) and the key."""
 
 
 @dataclass
@@ -231,45 +235,62 @@ def parse_override(arg):
 
 
 def load_config(path=None, overrides=()):
-    """TrainConfig from a TOML file (or the defaults) plus '--key=value' overrides, validated."""
-    values = {k: v for k, (v, _) in read_config_file(path).items()} if path is not None else {}
+    """TrainConfig from a TOML file (or the defaults) plus '--key=value' overrides, validated. An error about one
+    key names where that key's value came from: the command-line override, or the file (of the base chain) that
+    set it."""
+    file_values = read_config_file(path) if path is not None else {}
+    values = {k: v for k, (v, _) in file_values.items()}
+    origins = {k: where for k, (_, where) in file_values.items()}
     for arg in overrides:
         key, value = parse_override(arg)
-        values[key] = value
-    return build_config(values, where=str(path) if path else "config")
+        values[key], origins[key] = value, f"override {arg!r}"
+    return build_config(values, where=str(path) if path else "config", origins=origins)
 
 
-def build_config(values, where="config"):
-    """TrainConfig from a flat dict of already-typed values (e.g. a checkpoint's resolved config)."""
+_GPTCONFIG_KEY = re.compile(r"GPTConfig\.(\w+)")
+
+
+def build_config(values, where="config", origins=None):
+    """TrainConfig from a flat dict of already-typed values (e.g. a checkpoint's resolved config). origins: where
+    each key's value was given (load_config), used in place of `where` in an error about that key."""
+    blame = _blamer(where, origins)
     for key, value in values.items():
         if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
-            raise _unknown_key(key, where)
-        _check_type(key, value, where)
+            raise _unknown_key(key, blame(key))
+        _check_type(key, value, blame(key))
     model_kw = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     train_kw = {k: v for k, v in values.items() if k in TRAIN_FIELDS}
     try:
         model = GPTConfig(**model_kw)
     except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        key = _GPTCONFIG_KEY.search(str(e))
+        raise ConfigError(f"{blame(key.group(1) if key else None)}: {e}") from None
     cfg = TrainConfig(**train_kw, model=model)
-    validate(cfg, where)
+    validate(cfg, where, origins)
     return cfg
 
 
-def validate(cfg, where="config"):
+def _blamer(where, origins):
+    """key -> where its value was given: origins[key] when known, else `where`."""
+    return lambda key: (origins or {}).get(key, where)
+
+
+def validate(cfg, where="config", origins=None):
+    blame = _blamer(where, origins)
     positive = ["global_batch_size", "micro_batch_size", "max_steps", "val_tokens", "log_interval",
                 "checkpoint_interval", "keep_last"]
     for key in positive:
         if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{where}: key {key!r} must be > 0, got {getattr(cfg, key)}")
+            raise ConfigError(f"{blame(key)}: key {key!r} must be > 0, got {getattr(cfg, key)}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "eval_interval",
                 "keep_every", "adam_eps", "peak_flops"):
         if getattr(cfg, key) < 0:
-            raise ConfigError(f"{where}: key {key!r} must be >= 0, got {getattr(cfg, key)}")
+            raise ConfigError(f"{blame(key)}: key {key!r} must be >= 0, got {getattr(cfg, key)}")
     if cfg.min_lr > cfg.learning_rate:
-        raise ConfigError(f"{where}: min_lr ({cfg.min_lr}) must not exceed learning_rate ({cfg.learning_rate})")
+        raise ConfigError(f"{blame('min_lr')}: min_lr ({cfg.min_lr}) must not exceed learning_rate "
+                          f"({cfg.learning_rate})")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise ConfigError(f"{where}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+        raise ConfigError(f"{blame('device')}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg
 
 
@@ -305,3 +326,43 @@ def replace(cfg, **changes):
     values.update(changes)
     return build_config(values)
 
+
+
+# ------------------------------------------------------------------------------------------- files of a run directory
+
+
+def read_json_file(path, what="JSON file"):
+    """The parsed JSON file `path`; unreadable or invalid JSON is a ConfigError naming the file and, for invalid
+    JSON, the line and column where parsing stopped."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; restore "
+                          f"it (a checkpoint's meta.json holds the same config) or use another out_dir") from None
+
+
+def read_metrics_file(path):
+    """(records, intact) of a metrics.jsonl (one JSON object per line). A last line that is not valid JSON is what a
+    crash or a full disk leaves mid-write: it is dropped with a warning naming the file and the line, and intact is
+    False (also when the last line lacks its newline). An invalid line before the last is a ConfigError naming the
+    file and line: that is not a torn write but damage."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    records, intact = [], text.endswith("\n") or not text
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ConfigError(f"{path}: line {number} is not valid JSON ({e.msg} at column {e.colno}); expected "
+                                  f"one JSON object per line") from None
+            print(f"warning: {path}: line {number} is incomplete (a crash or a full disk while it was written); "
+                  f"dropped: {line[:80]!r}", file=sys.stderr)
+            intact = False
+            continue
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}: line {number} is {type(record).__name__}, expected a JSON object")
+        records.append(record)
+    return records, intact

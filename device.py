@@ -16,11 +16,13 @@ from contextlib import nullcontext
 
 import torch
 
+from errors import UserError
+
 DTYPES = ("auto", "bfloat16", "float32")
 
 
-class DeviceError(ValueError):
-    pass
+class DeviceError(UserError, ValueError):
+    """A device or dtype setting that cannot be used here; the message names the setting and what is allowed."""
 
 
 def resolve_device(name="auto", local_rank=None):

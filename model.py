@@ -134,7 +134,7 @@ class GPTConfig:
         """Reject out-of-range values with the field named: the shared fields here, then the fields of the PEs that
         pos_encoding names, by each PE class's check()."""
         rotary, additive = split_pos_encoding(self.pos_encoding)
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "head_dim"):
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "head_dim", "block_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         if self.rope_scaling not in ROPE_SCALINGS:

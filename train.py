@@ -19,14 +19,23 @@ same sequences (1 process x 2 accumulation steps and 2 processes x 1 step alike)
 in fp64, so DDP and FSDP2 clip identically.
 
 Runs are resumable and pre-emptible: out_dir holds config.json and checkpoints (checkpoint.py); starting a run whose
-out_dir has a checkpoint continues from the newest complete one (weights, optimizer, step, tokens, data-loader
-position, RNG states), bit for bit. SIGTERM or SIGUSR1 saves a checkpoint at the end of the current step and exits
-with status 0. A non-finite loss stops the run with status 3 before anything is saved.
+out_dir has a checkpoint continues from the newest one that verifies (weights, optimizer, step, tokens, data-loader
+position, RNG states), bit for bit; a newer damaged checkpoint is named, skipped and kept (checkpoint.py). SIGTERM
+or SIGUSR1 saves a checkpoint at the end of the current step and exits with status 0. A non-finite loss stops the
+run with status 3 before anything is saved.
+
+Start-up, in this order, before anything is written into out_dir: the config, the world size against the batch, the
+data (shards present and readable, the validation tokens < vocab_size); then rank 0 locks out_dir (lockfile.py:
+a second training into the same out_dir is refused with the holder's host and pid), checks a config.json already
+there, and picks the checkpoint to resume; only then config.json is written. Every rank takes part in each stage's
+verdict, so an error on any rank stops all of them (none waits in a collective for a rank that has stopped). Expected
+errors print `error: ...` and exit with status 2 (errors.py).
 
 Outputs: a log line per log_interval (step, loss, lr, grad norm, tokens/s, MFU, memory, ETA); out_dir/metrics.jsonl
 (one JSON object per log or eval event); wandb when enabled (offline mode needs no network).
 """
 
+import contextlib
 import json
 import math
 import os
@@ -42,9 +51,13 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 import mfu
-from config import ConfigError, check_resume_config, load_config, total_steps
-from data.loader import TokenLoader, ValidationSet
-from device import DeviceError, autocast_context, resolve_device
+from config import ConfigError, check_resume_config, load_config, read_json_file, read_metrics_file, total_steps
+from data.loader import LoaderStateError, TokenLoader, ValidationSet
+from data.shards import ShardError
+from device import autocast_context, resolve_device
+from durable import atomic_write_text
+from errors import UserError, exit_status
+from lockfile import DirectoryLock
 from model import GPT
 
 EXIT_NONFINITE = 3
@@ -79,9 +92,34 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def agree(self, stage, what):
+        """stage() on every rank, with one verdict for all: if it raises a UserError on any rank, every rank
+        raises (that rank its own error, the others a StartupError naming `what`), so that no rank is left waiting
+        in a later collective for one that has stopped. Returns stage()'s result."""
+        error, result = None, None
+        try:
+            result = stage()
+        except UserError as e:
+            error = e
+        failed = self.all_reduce(torch.tensor([float(error is not None)], device=self.device))
+        if error is not None:
+            raise error
+        if failed.item() > 0:
+            raise StartupError(f"another process of this job failed at {what} (its error is above); rank {self.rank} "
+                               f"stops too")
+        return result
+
     def close(self):
         if self.enabled:
             dist.destroy_process_group()
+
+
+class StartupError(UserError):
+    """This rank cannot go on because another rank of the job could not start."""
+
+
+class DataError(UserError):
+    """Training data that cannot be used (missing, unreadable, tokens out of range); the message names the file."""
 
 
 def print0(d, *args):
@@ -236,6 +274,11 @@ def evaluate(model, val, cfg, d, amp, micro_batch):
 # Logging
 
 
+def write_json_lines(file, records):
+    """One JSON object per line (metrics.jsonl's format)."""
+    file.writelines(json.dumps(record) + "\n" for record in records)
+
+
 class Metrics:
     """metrics.jsonl (append, rank 0) and wandb (when enabled). A run resumed at step s after a crash re-runs the
     steps after s: their earlier records move to metrics_discarded.jsonl (appended, nothing is lost), so that
@@ -258,23 +301,28 @@ class Metrics:
                                     config=cfg.resolved_dict())
 
     def _discard_after(self, step):
+        """Move the records of steps after `step` to metrics_discarded.jsonl; a torn last line (a crash or a full
+        disk mid-write) is dropped with a warning (read_metrics_file), and the file then rewritten so that the next
+        record starts on a line of its own."""
         if not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-        if len(keep) == len(lines):
-            return
-        with open(self.path.with_name("metrics_discarded.jsonl"), "a") as f:
-            f.writelines(line for line in lines if json.loads(line).get("step", 0) > step)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, self.path)
+        records, intact = read_metrics_file(self.path)
+        keep = [r for r in records if r.get("step", 0) <= step]
+        later = [r for r in records if r.get("step", 0) > step]
+        if later:
+            with open(self.path.with_name("metrics_discarded.jsonl"), "a") as f:
+                write_json_lines(f, later)
+        if later or not intact:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            with open(tmp, "w") as f:
+                write_json_lines(f, keep)
+            os.replace(tmp, self.path)
 
     def write(self, record):
         if not self.d.master:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            write_json_lines(f, [record])
         if self.wandb is not None and "step" in record:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
                            step=record["step"])
@@ -321,56 +369,120 @@ def train(cfg):
         d.close()
 
 
-def _train(cfg, d):
+def open_data(cfg, d, micro_batch):
+    """The training loader and the validation set: shards present and readable, the validation tokens range-checked
+    against vocab_size (the training tokens are checked batch by batch, data/loader.py)."""
+    try:
+        loader = TokenLoader(cfg.data_dir, seq_len=cfg.model.block_size, batch_size=micro_batch, rank=d.rank,
+                             world_size=d.world, seed=cfg.data_seed, vocab_size=cfg.model.vocab_size,
+                             document_aligned=cfg.document_aligned, device=d.device)
+        val = ValidationSet(cfg.data_dir, seq_len=cfg.model.block_size, num_tokens=cfg.val_tokens,
+                            vocab_size=cfg.model.vocab_size)
+    except (ShardError, LoaderStateError) as e:
+        raise as_data_error(e, cfg) from None
+    return loader, val
+
+
+def as_data_error(e, cfg):
+    """A data module's error as a UserError (those not yet derived from errors.UserError), naming data_dir."""
+    return e if isinstance(e, UserError) else DataError(f"data_dir {cfg.data_dir!r}: {e}")
+
+
+def lock_out_dir(cfg, d):
+    """Rank 0: hold out_dir's lock for the whole run (released by the caller); other ranks: None."""
+    if not d.master:
+        return None
+    return DirectoryLock(cfg.out_dir, "training").acquire()
+
+
+def check_run_directory(cfg, d):
+    """The checkpoint to resume from (a checkpoint.ResumeState, or None for a new run), after checking that out_dir's
+    config.json, if any, is readable and compatible with cfg. Writes nothing."""
     out_dir = Path(cfg.out_dir)
-    micro_batch, accum = micro_batch_for(cfg, d.world)
+    config_file = out_dir / "config.json"
+    if config_file.exists():
+        check_resume_config(read_json_file(config_file, "the run's config"), cfg, str(out_dir))
+    resume = ckpt.newest_resumable(out_dir, d.rank, d.world, report=lambda line: print0(d, line))
+    if resume is not None:
+        check_resume_config(resume.meta["config"], cfg, str(resume.path))
+    return resume
+
+
+def agree_on_checkpoint(d, resume, out_dir):
+    """The same checkpoint on every rank: the oldest of the ranks' choices (a file that only some ranks can read
+    makes them choose differently), reloaded on the ranks that chose a newer one."""
+    mine = -1 if resume is None else resume.meta["step"]
+    agreed = int(d.all_reduce(torch.tensor([mine], device=d.device), op=dist.ReduceOp.MIN).item())
+    if agreed == mine:
+        return resume
+    return ckpt.newest_resumable(out_dir, d.rank, d.world, at_most=agreed, report=lambda line: None)
+
+
+def write_run_config(cfg, d):
+    """Rank 0: out_dir/config.json, the resolved config (atomically: a crash leaves the old one or the new one)."""
+    if d.master:
+        atomic_write_text(Path(cfg.out_dir) / "config.json", json.dumps(cfg.resolved_dict(), indent=1,
+                                                                            sort_keys=True))
+
+
+def restore(d, raw, optimizer, loader, resume):
+    """Load a checkpoint's states into the model, optimizer, loader and RNGs; (step, tokens) it had reached."""
+    load_state_dicts(raw, optimizer, resume.model_state, resume.optimizer_state)
+    try:
+        loader.load_state_dict(resume.meta["loader"])
+    except (ShardError, LoaderStateError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {resume.path}: its data-loader state does not fit the data: {e}") \
+            from None
+    if resume.rng is not None:
+        ckpt.set_rng_state(resume.rng)
+    step, tokens = resume.meta["step"], resume.meta["tokens"]
+    print0(d, f"resumed from {resume.path} at step {step} ({tokens:,} tokens)")
+    changed = ckpt.environment_changes(resume.meta, ckpt.environment(d.world, d.device))
+    if changed:
+        print0(d, f"warning: resuming with {', '.join(changed)}: the run continues the same optimisation (state, "
+                  f"data order), but not bit for bit as an uninterrupted run would (that needs the same world "
+                  f"size, device, thread count and torch build)")
+    elif d.device.type == "cuda":
+        print0(d, "same world size, GPU, CUDA and torch build as the run that saved: the continuation equals an "
+                  "uninterrupted run as far as the CUDA kernels are deterministic")
+    else:
+        print0(d, "same world size, CPU, thread count and torch build as the run that saved: the continuation is "
+                  "bit for bit what an uninterrupted run computes")
+    return step, tokens
+
+
+def _train(cfg, d):
+    with contextlib.ExitStack() as held:
+        return _train_locked(cfg, d, held)
+
+
+def _train_locked(cfg, d, held):
+    out_dir = Path(cfg.out_dir)
+    micro_batch, accum = d.agree(lambda: micro_batch_for(cfg, d.world), "the batch-size check")
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp = autocast_context(d.device, cfg.dtype)
 
-    # ---- the run directory: a new run writes config.json; an existing one must match it
-    latest = ckpt.latest_checkpoint(out_dir)
-    config_file = out_dir / "config.json"
-    if config_file.exists():
-        check_resume_config(json.loads(config_file.read_text()), cfg, str(out_dir))
-    d.barrier()
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(json.dumps(cfg.resolved_dict(), indent=1, sort_keys=True))
+    # ---- everything that can fail is checked before out_dir is written; then config.json records the run
+    loader, val = d.agree(lambda: open_data(cfg, d, micro_batch), "opening the data")
+    lock = d.agree(lambda: lock_out_dir(cfg, d), f"locking {out_dir}")
+    if lock is not None:
+        held.callback(lock.release)
+    resume = d.agree(lambda: check_run_directory(cfg, d), f"checking {out_dir}")
+    resume = agree_on_checkpoint(d, resume, out_dir) if d.enabled else resume
+    write_run_config(cfg, d)
 
     raw, model = build_model(cfg, d)
     optimizer = torch.optim.AdamW(raw.optimizer_param_groups(cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   fused=d.device.type == "cuda" and not cfg.fsdp)
     T = cfg.model.block_size
-    loader = TokenLoader(cfg.data_dir, seq_len=T, batch_size=micro_batch, rank=d.rank, world_size=d.world,
-                         seed=cfg.data_seed, vocab_size=cfg.model.vocab_size, document_aligned=cfg.document_aligned,
-                         device=d.device)
-    val = ValidationSet(cfg.data_dir, seq_len=T, num_tokens=cfg.val_tokens, vocab_size=cfg.model.vocab_size)
 
     step, tokens = 0, 0
-    if latest is not None:
-        meta = ckpt.load_meta(latest)
-        check_resume_config(meta["config"], cfg, str(latest))
-        load_state_dicts(raw, optimizer, *ckpt.load_states(latest))
-        loader.load_state_dict(meta["loader"])
-        rng = ckpt.load_rank_rng(latest, d.rank) if meta["world_size"] == d.world else None
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-        step, tokens = meta["step"], meta["tokens"]
-        print0(d, f"resumed from {latest} at step {step} ({tokens:,} tokens)")
-        changed = ckpt.environment_changes(meta, ckpt.environment(d.world, d.device))
-        if changed:
-            print0(d, f"warning: resuming with {', '.join(changed)}: the run continues the same optimisation (state, "
-                      f"data order), but not bit for bit as an uninterrupted run would (that needs the same world "
-                      f"size, device, thread count and torch build)")
-        elif d.device.type == "cuda":
-            print0(d, "same world size, GPU, CUDA and torch build as the run that saved: the continuation equals an "
-                      "uninterrupted run as far as the CUDA kernels are deterministic")
-        else:
-            print0(d, "same world size, CPU, thread count and torch build as the run that saved: the continuation is "
-                      "bit for bit what an uninterrupted run computes")
+    if resume is not None:
+        step, tokens = restore(d, raw, optimizer, loader, resume)
+        del resume  # the loaded states: freed before training
     n_steps = total_steps(cfg)
     if step >= n_steps:
         print0(d, f"{out_dir} is finished ({step} of {n_steps} steps); nothing to do")
@@ -453,19 +565,23 @@ def _train(cfg, d):
     return dict(step=step, finished=True, val_loss=last_val)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def run_command(argv):
+    """train.py's command line: [config.toml] [--key=value ...]; exit status 0 (done or pre-empted)."""
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     path = argv[0] if argv and not argv[0].startswith("--") else None
+    cfg = load_config(path, argv[1:] if path else argv)
     try:
-        cfg = load_config(path, argv[1:] if path else argv)
         train(cfg)
-    except (ConfigError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ShardError, LoaderStateError) as e:  # raised by the loader mid-run (e.g. a token >= vocab_size)
+        raise as_data_error(e, cfg) from None
     return 0
+
+
+def main(argv=None):
+    """Expected errors (config, data, a busy out_dir, no checkpoint that verifies) print `error: ...` and exit 2."""
+    return exit_status(run_command, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config import RESUMABLE_CHANGES, build_config, total_steps
+from config import RESUMABLE_CHANGES, build_config, read_json_file, read_metrics_file, total_steps
 
 NOT_GROUPED_BY = {"seed", "data_seed"} | (RESUMABLE_CHANGES - {"max_steps", "lr_decay_steps", "data_dir",
                                                                "val_tokens"})
@@ -50,9 +50,10 @@ class RunResult:
 
 
 def _events(metrics_file):
+    """(train events, val events) of a metrics.jsonl, each step once (its last record); a torn last line, left by
+    a crash or a full disk, is dropped with a warning (config.read_metrics_file)."""
     last = {}
-    for line in Path(metrics_file).read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics_file(metrics_file)[0]:
         if record.get("event") in ("train", "val"):
             last[(record["event"], record["step"])] = record
     by_step = sorted(last.items(), key=lambda kv: kv[0][1])
@@ -97,7 +98,7 @@ def read_run(run_dir):
         if not f.is_file():
             raise FileNotFoundError(f"{run_dir} is not a train.py run directory: {f.name} is missing")
     train, val = _events(metrics_file)
-    return RunResult(path=run_dir, config=json.loads(config_file.read_text()), train=train, val=val,
+    return RunResult(path=run_dir, config=read_json_file(config_file, "the run's config"), train=train, val=val,
                      zero_shot=_newest_zero_shot(run_dir), extrapolation=_newest_extrapolation(run_dir))
 
 

@@ -29,7 +29,8 @@ def test_a_checkpoint_is_invisible_until_published_then_complete(tmp_path):
     assert ckpt.list_checkpoints(tmp_path) == [] and ckpt.latest_checkpoint(tmp_path) is None
     final = ckpt.publish(tmp_path, 3)
     assert final == tmp_path / "ckpt_0000003" and not tmp.exists()
-    assert sorted(p.name for p in final.iterdir()) == ["meta.json", "model.pt", "optimizer.pt", "rng_rank0.pt"]
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json", "meta.json", "model.pt", "optimizer.pt",
+                                                      "rng_rank0.pt"]
     assert ckpt.list_checkpoints(tmp_path) == [(3, final)]
     stage(tmp_path, 3, payload=2.0)  # the same step saved again replaces it
     ckpt.publish(tmp_path, 3)
@@ -50,7 +51,7 @@ def test_save_model_only_writes_the_format_without_optimizer_and_replaces_nothin
     model = tiny_model("rope")
     path = ckpt.save_model_only(model, tmp_path / "run", step=5, tokens=40, extra_config={"seed": 3})
     assert path == tmp_path / "run" / "ckpt_0000005" and ckpt.latest_checkpoint(tmp_path / "run") == path
-    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "meta.json", "model.pt"]
     meta = ckpt.load_meta(path)
     assert meta == dict(step=5, tokens=40, config={**model.config.to_dict(), "seed": 3})
     state, optimizer = ckpt.load_states(path, optimizer=False)
