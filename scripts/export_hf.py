@@ -49,12 +49,12 @@ if __package__ in (None, ""):  # run as a file, the repository's packages would 
     sys.exit("run it from the repository root as a module: python -m scripts.export_hf ...")
 
 from data.tokenizer import EOT, GPT2_FILES, local_bpe_dir, verify_bpe_file  # noqa: E402
-from checkpoint import CheckpointError  # noqa: E402
+from errors import UserError, exit_status  # noqa: E402
 from eval.load import load  # noqa: E402
 
 
-class ExportError(ValueError):
-    pass
+class ExportError(UserError, ValueError):
+    """A checkpoint that cannot be exported, or an --out that cannot take the export."""
 
 
 def architecture(cfg):
@@ -188,6 +188,11 @@ def export(checkpoint, out, dtype="float32", verify=True, force=False):
 
 
 def main(argv=None):
+    """Exit status 0, or 2 with one error line for an unusable checkpoint or --out (errors.exit_status)."""
+    return exit_status(_main, argv)
+
+
+def _main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a ckpt_* directory or a run directory (its newest ckpt)")
     p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, tokenizer)")
@@ -195,11 +200,7 @@ def main(argv=None):
     p.add_argument("--no-verify", action="store_true", help="skip the logit comparison after conversion")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
     args = p.parse_args(argv)
-    try:
-        out, arch, diff = export(args.checkpoint, args.out, args.dtype, verify=not args.no_verify, force=args.force)
-    except (CheckpointError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out, arch, diff = export(args.checkpoint, args.out, args.dtype, verify=not args.no_verify, force=args.force)
     check = "" if diff is None else f"; max |logit difference| vs the checkpoint (fp32): {diff:.2e}"
     print(f"wrote {arch} to {out}{check}")
     return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file, the repository's packages would not be importable
     sys.exit("run it from the repository root as a module: python -m scripts.report ...")
 
+from errors import UserError, exit_status  # noqa: E402
 from eval.command import unique_stem  # noqa: E402
 from sweeps import plots, tables  # noqa: E402
 from sweeps.results import group_runs, read_run  # noqa: E402
@@ -66,7 +67,16 @@ def write_report(text, groups, out_dir):
     return paths
 
 
+class ReportError(UserError, ValueError):
+    """No run to report, or a run directory whose files cannot be read."""
+
+
 def main(argv=None):
+    """Exit status 0, or 2 with one error line for missing or unreadable runs (errors.exit_status)."""
+    return exit_status(_main, argv)
+
+
+def _main(argv):
     parser = argparse.ArgumentParser(prog="python -m scripts.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run directories (train.py out_dir)")
@@ -81,9 +91,8 @@ def main(argv=None):
             raise FileNotFoundError("no run directories given" + (f" and none of {args.sweep}'s runs has started"
                                                                   if args.sweep else ""))
         results = [read_run(d) for d in dirs]
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as e:  # a missing file, or one whose content is not what was expected
+        raise ReportError(str(e)) from None
     # only finished runs enter the aggregated tables: a mean over runs at different steps would compare nothing
     groups = group_runs([r for r in results if r.finished])
     unfinished = [r.name for r in results if not r.finished]
