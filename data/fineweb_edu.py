@@ -50,8 +50,9 @@ if __package__ in (None, ""):  # run as a file, the repository's packages would 
     sys.exit("run it from the repository root as a module: python -m data.fineweb_edu ...")
 
 from data import shards, tokenizer  # noqa: E402
-from data.manifest import MANIFEST, PrepError, load_for_resume, lock_dir, write_manifest  # noqa: E402
+from data.manifest import MANIFEST, PrepError, load_for_resume, write_manifest  # noqa: E402
 from data.shard_writer import ShardWriter  # noqa: E402
+from lockfile import DirectoryLock  # noqa: E402
 from data.sources import FINEWEB_EDU, FINEWEB_EDU_VERSIONS, FileSource, HFSource  # noqa: E402
 from errors import UserError, exit_status  # noqa: E402
 
@@ -82,7 +83,7 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
         raise PrepError(f"--workers: expected 0 (tokenize in this process) or a number of processes, got {workers}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_dir(out_dir)
+    lock = DirectoryLock(out_dir, "data preparation").acquire()
     had_manifest = (out_dir / MANIFEST).exists()
     try:
         identity = {"format": FORMAT, "source": source.identity(),
@@ -110,7 +111,7 @@ def prepare(source, out_dir, shard_size: int = DEFAULT_SHARD_SIZE, prefix: str =
             raise
         return manifest
     finally:
-        lock.close()
+        lock.release()
 
 
 class EmptyInputError(PrepError):

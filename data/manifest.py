@@ -17,36 +17,24 @@ Resume (`load_for_resume`): a directory whose manifest has a different identity,
 is refused with PrepError: nothing is ever silently overwritten. Records are kept up to the first one whose file is
 missing or has the wrong size (so deleting the last shards regenerates them), and shard or temporary files that no
 kept record covers are deleted: they are leftovers of a crash between a shard's rename and its record. A run holds
-DIR/.lock (`lock_dir`) for as long as it writes.
+DIR/.lock (lockfile.DirectoryLock) for as long as it writes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 
 from data import shards
 from durable import atomic_write_text, is_temp_file
 from errors import UserError
+from lockfile import LOCK_NAME
 
 MANIFEST = "manifest.json"
-_LOCK = ".lock"
 
 
 class PrepError(UserError, RuntimeError):
     """The output directory cannot be used (different identity, foreign files, locked by another run)."""
-
-
-def lock_dir(out_dir: Path):
-    """Hold DIR/.lock exclusively until the returned file is closed, so that two runs never write one directory."""
-    f = open(out_dir / _LOCK, "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise PrepError(f"{out_dir}: another preparation run holds {out_dir / _LOCK}") from None
-    return f
 
 
 def write_manifest(path: Path, manifest: dict) -> None:
@@ -70,7 +58,7 @@ def load_for_resume(out_dir: Path, identity: dict, prefix: str) -> dict:
     path = out_dir / MANIFEST
     fresh = {"identity": identity, "shards": [], "complete": False, "totals": None}
     if not path.exists():
-        foreign = [p.name for p in out_dir.iterdir() if p.name != _LOCK]
+        foreign = [p.name for p in out_dir.iterdir() if p.name != LOCK_NAME]
         if foreign:
             raise PrepError(f"{out_dir}: not empty and has no {MANIFEST} (found {sorted(foreign)[:5]}); "
                             "choose an empty or new directory")

@@ -212,3 +212,15 @@ def test_a_missing_or_unsupported_input_is_one_error_line(tmp_path, capsys):
     (tmp_path / "a.csv").write_text("x")
     assert fineweb_edu.main(["--input", str(tmp_path / "a.csv"), "--out", str(tmp_path / "O")]) == 2
     assert "a.csv: unsupported input type" in capsys.readouterr().err
+
+
+def test_a_directory_another_preparation_holds_is_refused(tmp_path):
+    from lockfile import DirectoryLock, LockError
+
+    src = tmp_path / "docs.txt"
+    src.write_text("\n\n".join(DOCUMENTS) + "\n")
+    with DirectoryLock(tmp_path / "out", "data preparation"):
+        with pytest.raises(LockError, match=r"out is in use: data preparation by pid \d+ on host "):
+            prepare_tiny(FileSource([src]), tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    prepare_tiny(FileSource([src]), tmp_path / "out")  # free again
