@@ -67,7 +67,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chunked_attention import chunked_bias_attention, flex_pairwise_attention
+# model.py and chunked_attention.py are also shipped as a transformers remote-code package (scripts/export_hf.py),
+# where sibling modules are imported relatively; in this repository they are top-level modules.
+try:
+    from .chunked_attention import chunked_bias_attention, flex_pairwise_attention
+except ImportError:
+    from chunked_attention import chunked_bias_attention, flex_pairwise_attention
 
 # The PE names (ROTARY_PES, ADDITIVE_PES, SCALABLE_ROTARY_PES) derive from the registry PE_CLASSES, after the PEs.
 # Evaluation-time rescalings of a RoPE spectrum (PI, NTK-aware, YaRN, and their dynamic forms; see rope_scaling()).
