@@ -25,11 +25,12 @@ or SIGUSR1 saves a checkpoint at the end of the current step and exits with stat
 run with status 3 before anything is saved.
 
 Start-up, in this order, before anything is written into out_dir: the config, the world size against the batch, the
-data (shards present and readable, the validation tokens < vocab_size); then rank 0 locks out_dir (lockfile.py:
-a second training into the same out_dir is refused with the holder's host and pid), checks a config.json already
-there, and picks the checkpoint to resume; only then config.json is written. Every rank takes part in each stage's
-verdict, so an error on any rank stops all of them (none waits in a collective for a rank that has stopped). Expected
-errors print `error: ...` and exit with status 2 (errors.py).
+memory (the model state, known exactly, against the device's free memory: memory_plan.py), the data (shards present
+and readable, the validation tokens < vocab_size); then rank 0 locks out_dir (lockfile.py: a second training into
+the same out_dir is refused with the holder's host and pid), checks a config.json already there, and picks the
+checkpoint to resume; only then config.json is written. Every rank takes part in each stage's verdict, and in that of
+every training batch's token-range check, so an error on any rank stops all of them (none waits in a collective for
+a rank that has stopped). Expected errors print `error: ...` and exit with status 2 (errors.py).
 
 Outputs: a log line per log_interval (step, loss, lr, grad norm, tokens/s, MFU, memory, ETA); out_dir/metrics.jsonl
 (one JSON object per log or eval event); wandb when enabled (offline mode needs no network).
@@ -58,6 +59,7 @@ from device import autocast_context, resolve_device
 from durable import atomic_write_text
 from errors import UserError, exit_status
 from lockfile import DirectoryLock
+from memory_plan import check_model_state_fits
 from model import GPT
 
 EXIT_NONFINITE = 3
@@ -78,9 +80,14 @@ class Dist:
         self.device = resolve_device(cfg.device, local_rank=self.local_rank if self.enabled else None)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.verdict_group = None
         if self.enabled:
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo",
                                     device_id=self.device if self.device.type == "cuda" else None)
+            # verdicts (agree) travel over gloo on the CPU: on CUDA one per micro-step would otherwise be an NCCL
+            # all-reduce whose .item() waits for the GPU to drain, stalling the queue of kernels every micro-step
+            if self.device.type == "cuda":
+                self.verdict_group = dist.new_group(backend="gloo")
         self.master = self.rank == 0
 
     def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
@@ -94,19 +101,23 @@ class Dist:
 
     def agree(self, stage, what):
         """stage() on every rank, with one verdict for all: if it raises a UserError on any rank, every rank
-        raises (that rank its own error, the others a StartupError naming `what`), so that no rank is left waiting
-        in a later collective for one that has stopped. Returns stage()'s result."""
+        raises (that rank its own error, the others a PeerError naming `what`), so that no rank is left waiting
+        in a later collective for one that has stopped. Used for each start-up check and for every training batch
+        (a token >= vocab_size is found by the rank that reads it). One CPU all-reduce of one number; none when
+        single-process. Returns stage()'s result."""
         error, result = None, None
         try:
             result = stage()
         except UserError as e:
             error = e
-        failed = self.all_reduce(torch.tensor([float(error is not None)], device=self.device))
+        if self.enabled:
+            failed = torch.tensor([float(error is not None)])
+            dist.all_reduce(failed, group=self.verdict_group)
         if error is not None:
             raise error
-        if failed.item() > 0:
-            raise StartupError(f"another process of this job failed at {what} (its error is above); rank {self.rank} "
-                               f"stops too")
+        if self.enabled and failed.item() > 0:
+            raise PeerError(f"another process of this job failed at {what} (its error is above); rank {self.rank} "
+                            f"stops too")
         return result
 
     def close(self):
@@ -114,8 +125,8 @@ class Dist:
             dist.destroy_process_group()
 
 
-class StartupError(UserError):
-    """This rank cannot go on because another rank of the job could not start."""
+class PeerError(UserError):
+    """This rank cannot go on because another rank of the job failed a check (Dist.agree)."""
 
 
 class DataError(UserError):
@@ -459,6 +470,8 @@ def _train(cfg, d):
 def _train_locked(cfg, d, held):
     out_dir = Path(cfg.out_dir)
     micro_batch, accum = d.agree(lambda: micro_batch_for(cfg, d.world), "the batch-size check")
+    memory_line = d.agree(lambda: check_model_state_fits(cfg.model, d.device, d.world, cfg.fsdp), "the memory check")
+    print0(d, memory_line)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -512,7 +525,7 @@ def _train_locked(cfg, d, held):
             group["lr"] = lr
         loss_sum = torch.zeros((), device=d.device)
         for micro in range(accum):
-            x, y = loader.next_batch()
+            x, y = d.agree(loader.next_batch, f"reading the training data at step {step}")
             set_grad_sync(model, cfg, micro == accum - 1)
             with amp:
                 _, loss = model(x, y)

@@ -134,6 +134,36 @@ def test_data_errors_are_named_errors(byte_shards, tmp_path, capsys, fault):
     assert err.startswith("error: ") and expected in err
 
 
+@pytest.mark.slow
+def test_a_bad_token_on_one_rank_stops_every_rank(byte_shards, tmp_path):
+    """A token >= vocab_size in a window that only rank 1 reads, at its third micro-step: rank 1 names it, rank 0
+    stops at the same step instead of waiting for rank 1 in the next collective; both exit 2."""
+    import shutil
+
+    from data import shards
+    from data.loader import TokenLoader
+
+    data = tmp_path / "data"
+    shutil.copytree(byte_shards, data)
+    # train_args' geometry on 2 processes: block_size 64, 4 sequences per rank and micro-step, data_seed 42
+    loader = TokenLoader(data, seq_len=64, batch_size=4, rank=1, world_size=2, seed=42, vocab_size=320)
+    shard_index, start = loader.window_location(loader.windows_for(epoch=0, position=2 * 2 * 4)[:1])
+    shard_path, position = loader.paths[int(shard_index[0])], int(start[0]) + 32  # mid-window: no neighbour reads it
+    loader.close()
+    raw = bytearray(Path(shard_path).read_bytes())
+    memoryview(raw)[shards.HEADER_BYTES:].cast("H")[position] = 60000
+    Path(shard_path).write_bytes(bytes(raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+           *train_args(byte_shards, tmp_path / "run", f"--data_dir={data}", "--max_steps=6", "--eval_interval=0",
+                       "--checkpoint_interval=1")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=180)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log
+    assert f"error: {shard_path}: token 60000 at position {position} is >= vocab_size 320" in log
+    assert "error: another process of this job failed at reading the training data at step 2" in log
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [1, 2]  # the steps before it are kept
+
+
 # --------------------------------------------------------------------------------------------- damaged checkpoints
 
 
