@@ -77,6 +77,13 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
     compile: bool = False
     fsdp: bool = False  # FSDP2 (fully_shard per block) instead of DDP
+    fsdp_param_dtype: str = "auto"  # FSDP2 all-gathers and computes with parameters in this dtype (the fp32 master
+    # weights and AdamW state stay fp32); auto = the run's compute dtype (bfloat16 on CUDA, float32 on CPU)
+    fsdp_reduce_dtype: str = "auto"  # FSDP2's gradient reduce-scatter dtype; auto = float32
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered parameters after its forward (less memory,
+    # a second all-gather in the backward); false keeps them (ZeRO-2-like)
+    activation_checkpointing: str | int = "none"  # none | full | k: recompute the forward of blocks 0, k, 2k, ...
+    # in the backward instead of keeping their activations (parallel.py)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: from the GPU's name (mfu.PEAK_BF16), n/a on CPU
     model: GPTConfig = field(default_factory=GPTConfig)
 
@@ -85,7 +92,8 @@ class TrainConfig:
         return {**self.model.to_dict(), **out}
 
 
-CHOICES = {"wandb": ("disabled", "offline", "online"), "dtype": DTYPES}
+CHOICES = {"wandb": ("disabled", "offline", "online"), "dtype": DTYPES, "fsdp_param_dtype": DTYPES,
+           "fsdp_reduce_dtype": DTYPES}
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model"}
 MODEL_FIELDS = {f.name: f for f in fields(GPTConfig)}
 assert not TRAIN_FIELDS.keys() & MODEL_FIELDS.keys()
@@ -289,6 +297,11 @@ def validate(cfg, where="config", origins=None):
     if cfg.min_lr > cfg.learning_rate:
         raise ConfigError(f"{blame('min_lr')}: min_lr ({cfg.min_lr}) must not exceed learning_rate "
                           f"({cfg.learning_rate})")
+    setting = cfg.activation_checkpointing
+    if not (setting in ("none", "full") or (isinstance(setting, int) and not isinstance(setting, bool)
+                                            and setting >= 1)):
+        raise ConfigError(f"{blame('activation_checkpointing')}: key 'activation_checkpointing' must be none, full or "
+                          f"a positive int k (every k-th block), got {setting!r}")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"{blame('device')}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     return cfg
@@ -304,7 +317,8 @@ def total_steps(cfg):
 # or hardware.)
 RESUMABLE_CHANGES = {"max_steps", "eval_interval", "log_interval", "checkpoint_interval", "keep_last", "keep_every",
                      "wandb", "wandb_project", "wandb_run_name", "device", "compile", "peak_flops", "out_dir",
-                     "micro_batch_size", "fsdp", "data_dir", "lr_decay_steps", "val_tokens"}
+                     "micro_batch_size", "fsdp", "data_dir", "lr_decay_steps", "val_tokens", "fsdp_param_dtype",
+                     "fsdp_reduce_dtype", "fsdp_reshard_after_forward", "activation_checkpointing"}
 
 
 def check_resume_config(saved, cfg, where):

@@ -41,14 +41,19 @@ def resolve_device(name="auto", local_rank=None):
     return torch.device("cuda", local_rank if local_rank is not None else device.index or 0)
 
 
+def compute_dtype(device, dtype="auto"):
+    """The torch dtype the matmuls of a computation on `device` run in for the setting `dtype` (one of DTYPES)."""
+    if dtype not in DTYPES:
+        raise DeviceError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, dtype)
+
+
 def autocast_context(device, dtype="auto"):
     """The precision context for computing on `device` (a torch device or its name) in `dtype` (one of DTYPES).
     The returned object can be entered again after it exits, so one context serves a whole run."""
-    if dtype not in DTYPES:
-        raise DeviceError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
+    if compute_dtype(device, dtype) == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -7,7 +7,8 @@ which keeps no second copy of the weights):
     weights 4 N + gradients 4 N + AdamW's two moments 8 N + AdamW's step counter 4 per tensor
     DDP adds its gradient buckets, a second copy of the gradients: + 4 N
     FSDP2 shards weights, gradients and moments over the W processes and gathers one block's full weights at a
-    time: 16 N / W + 4 per tensor + 4 x (the largest block's parameters), the gathered block counted once
+    time, in fsdp_param_dtype (g bytes each: 4 fp32, 2 bf16): 16 N / W + 4 per tensor + g x (the largest block's
+    parameters), the gathered block counted once
     (prefetching the next one can double that term; the padding of each tensor to a multiple of W rows is ignored).
 One process and DDP: exact for the tensors named (tests/test_memory_plan.py measures them). Every layout: a lower
 bound for the process:
@@ -52,12 +53,12 @@ def model_shape(model_config):
     return ModelShape(sum(p.numel() for p in params), len(params), largest)
 
 
-def model_state_bytes(shape, world=1, fsdp=False, ddp=None):
+def model_state_bytes(shape, world=1, fsdp=False, ddp=None, gathered_bytes=4):
     """Bytes of weights, gradients and AdamW state per process (the formulas of the module docstring); ddp defaults
-    to world > 1 without fsdp."""
+    to world > 1 without fsdp; gathered_bytes: FSDP2's bytes per gathered parameter."""
     ddp = world > 1 and not fsdp if ddp is None else ddp
     if fsdp:
-        return 16 * shape.params // world + 4 * shape.tensors + 4 * shape.largest_block
+        return 16 * shape.params // world + 4 * shape.tensors + gathered_bytes * shape.largest_block
     return 16 * shape.params + 4 * shape.tensors + (4 * shape.params if ddp else 0)
 
 
@@ -87,11 +88,14 @@ def _meminfo_available():
     return None
 
 
-def check_model_state_fits(model_config, device, world, fsdp):
-    """The start-up line to print; raises MemoryPlanError, naming the numbers, when the model state alone exceeds
-    the memory the device has."""
-    shape = model_shape(model_config)
-    need = model_state_bytes(shape, world, fsdp)
+def check_model_state_fits(cfg, device, world):
+    """The start-up line to print for the TrainConfig cfg on `device` with `world` processes; raises
+    MemoryPlanError, naming the numbers, when the model state alone exceeds the memory the device has."""
+    from parallel import fsdp_param_dtype
+    shape = model_shape(cfg.model)
+    fsdp = cfg.fsdp
+    gathered = fsdp_param_dtype(cfg, device).itemsize if fsdp else 4
+    need = model_state_bytes(shape, world, fsdp, gathered_bytes=gathered)
     have, source = available_bytes(device)
     layout = (f"FSDP2 over {world} processes" if fsdp else f"DDP over {world} processes" if world > 1
               else "one process")

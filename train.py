@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 import mfu
+import parallel
 from config import ConfigError, check_resume_config, load_config, read_json_file, read_metrics_file, total_steps
 from data.loader import LoaderStateError, TokenLoader, ValidationSet
 from data.shards import ShardError
@@ -160,21 +161,11 @@ def learning_rate(step, cfg):
 
 
 def build_model(cfg, d):
+    """(the GPT, the module to train: the GPT with activation checkpointing, compile, FSDP2 or DDP, parallel.py)."""
     torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP2 shards it; DDP would broadcast it anyway)
     with torch.device(d.device):
         raw = GPT(cfg.model)
-    model = raw
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in raw.transformer.h:
-            fully_shard(block)
-        fully_shard(raw)
-    if cfg.compile:
-        model = torch.compile(model)
-    if d.enabled and not cfg.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    return raw, model
+    return raw, parallel.wrap(raw, cfg, d.device, d.enabled)
 
 
 def set_grad_sync(model, cfg, enabled):
@@ -470,7 +461,7 @@ def _train(cfg, d):
 def _train_locked(cfg, d, held):
     out_dir = Path(cfg.out_dir)
     micro_batch, accum = d.agree(lambda: micro_batch_for(cfg, d.world), "the batch-size check")
-    memory_line = d.agree(lambda: check_model_state_fits(cfg.model, d.device, d.world, cfg.fsdp), "the memory check")
+    memory_line = d.agree(lambda: check_model_state_fits(cfg, d.device, d.world), "the memory check")
     print0(d, memory_line)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

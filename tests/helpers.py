@@ -233,3 +233,27 @@ def final_weights(out_dir):
     import checkpoint
 
     return torch.load(checkpoint.latest_checkpoint(out_dir) / "model.pt", weights_only=True)
+
+
+def torchrun(nproc, shard_dir, out_dir, *extra, check=True, timeout=300):
+    """train.py under torchrun with nproc CPU (gloo) processes and train_args(shard_dir, out_dir, *extra); the
+    finished process (asserted successful unless check=False)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train",
+           *train_args(shard_dir, out_dir, *extra)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def assert_runs_close(run_a, run_b, steps, loss_tol, val_tol):
+    """Two runs logged the same `steps` training steps with losses within loss_tol, and final validation losses
+    within val_tol."""
+    a, b = train_metrics(run_a), train_metrics(run_b)
+    assert len(a) == len(b) == steps
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= loss_tol, (x, y)
+    assert abs(train_metrics(run_a, "val")[-1]["val_loss"] - train_metrics(run_b, "val")[-1]["val_loss"]) <= val_tol

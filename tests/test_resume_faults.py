@@ -14,7 +14,8 @@ import torch
 import checkpoint as ckpt
 import train
 from config import ConfigError, load_config
-from helpers import REPO, assert_bitwise_equal, child_env, final_weights, train_args, train_in_process, train_metrics
+from helpers import (REPO, assert_bitwise_equal, child_env, final_weights, torchrun, train_args, train_in_process,
+                     train_metrics)
 from sweeps.results import read_run
 
 
@@ -153,10 +154,8 @@ def test_a_bad_token_on_one_rank_stops_every_rank(byte_shards, tmp_path):
     raw = bytearray(Path(shard_path).read_bytes())
     memoryview(raw)[shards.HEADER_BYTES:].cast("H")[position] = 60000
     Path(shard_path).write_bytes(bytes(raw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
-           *train_args(byte_shards, tmp_path / "run", f"--data_dir={data}", "--max_steps=6", "--eval_interval=0",
-                       "--checkpoint_interval=1")]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=180)
+    done = torchrun(2, byte_shards, tmp_path / "run", f"--data_dir={data}", "--max_steps=6", "--eval_interval=0",
+                    "--checkpoint_interval=1", check=False, timeout=180)
     log = done.stdout + done.stderr
     assert done.returncode != 0, log
     assert f"error: {shard_path}: token 60000 at position {position} is >= vocab_size 320" in log

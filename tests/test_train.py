@@ -13,8 +13,8 @@ import torch
 import checkpoint as ckpt
 import train
 from config import ConfigError, load_config
-from helpers import (COMPARE_THREADS, REPO, assert_bitwise_equal, child_env, final_weights, torch_threads, train_args,
-                     train_in_process, train_metrics)
+from helpers import (COMPARE_THREADS, REPO, assert_bitwise_equal, assert_runs_close, child_env, final_weights,
+                     torch_threads, torchrun, train_args, train_in_process, train_metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------- learning
@@ -150,14 +150,6 @@ def test_nonfinite_loss_stops_without_saving(byte_shards, tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------------------------------------- distributed
 
 
-def torchrun(nproc, byte_shards, out_dir, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "train", *train_args(byte_shards, out_dir, *extra)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
 @pytest.mark.slow
 @pytest.mark.bitwise
 def test_two_processes_equal_one_process_with_accumulation(byte_shards, tmp_path):
@@ -166,12 +158,7 @@ def test_two_processes_equal_one_process_with_accumulation(byte_shards, tmp_path
               "--eval_interval=6"]
     train_in_process(byte_shards, tmp_path / "one", *common, threads=COMPARE_THREADS)
     torchrun(2, byte_shards, tmp_path / "ddp", *common)
-    one, two = train_metrics(tmp_path / "one"), train_metrics(tmp_path / "ddp")
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
-    val_one, val_two = train_metrics(tmp_path / "one", "val"), train_metrics(tmp_path / "ddp", "val")
-    assert abs(val_one[-1]["val_loss"] - val_two[-1]["val_loss"]) <= 1e-6
+    assert_runs_close(tmp_path / "one", tmp_path / "ddp", steps=6, loss_tol=1e-6, val_tol=1e-6)
 
 
 @pytest.mark.slow
