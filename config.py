@@ -82,6 +82,8 @@ class TrainConfig:
     fsdp_reduce_dtype: str = "auto"  # FSDP2's gradient reduce-scatter dtype; auto = float32
     fsdp_reshard_after_forward: bool = True  # free each block's gathered parameters after its forward (less memory,
     # a second all-gather in the backward); false keeps them (ZeRO-2-like)
+    memory_check: str = "refuse"  # refuse | warn: a run whose estimated peak memory exceeds the device's free memory
+    # (memory_plan.py) stops before writing anything, or starts with a warning
     activation_checkpointing: str | int = "none"  # none | full | k: recompute the forward of blocks 0, k, 2k, ...
     # in the backward instead of keeping their activations (parallel.py)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: from the GPU's name (mfu.PEAK_BF16), n/a on CPU
@@ -93,7 +95,7 @@ class TrainConfig:
 
 
 CHOICES = {"wandb": ("disabled", "offline", "online"), "dtype": DTYPES, "fsdp_param_dtype": DTYPES,
-           "fsdp_reduce_dtype": DTYPES}
+           "fsdp_reduce_dtype": DTYPES, "memory_check": ("refuse", "warn")}
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model"}
 MODEL_FIELDS = {f.name: f for f in fields(GPTConfig)}
 assert not TRAIN_FIELDS.keys() & MODEL_FIELDS.keys()
@@ -318,7 +320,7 @@ def total_steps(cfg):
 RESUMABLE_CHANGES = {"max_steps", "eval_interval", "log_interval", "checkpoint_interval", "keep_last", "keep_every",
                      "wandb", "wandb_project", "wandb_run_name", "device", "compile", "peak_flops", "out_dir",
                      "micro_batch_size", "fsdp", "data_dir", "lr_decay_steps", "val_tokens", "fsdp_param_dtype",
-                     "fsdp_reduce_dtype", "fsdp_reshard_after_forward", "activation_checkpointing"}
+                     "fsdp_reduce_dtype", "fsdp_reshard_after_forward", "activation_checkpointing", "memory_check"}
 
 
 def check_resume_config(saved, cfg, where):

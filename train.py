@@ -60,7 +60,7 @@ from device import autocast_context, resolve_device
 from durable import atomic_write_text
 from errors import UserError, exit_status
 from lockfile import DirectoryLock
-from memory_plan import check_model_state_fits
+from memory_plan import check_fits, gib
 from model import GPT
 
 EXIT_NONFINITE = 3
@@ -334,6 +334,11 @@ class Metrics:
             self.wandb.finish()
 
 
+def memory_source(device):
+    """What memory_mb measures on `device`."""
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the process, runtime included"
+
+
 def memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -461,7 +466,7 @@ def _train(cfg, d):
 def _train_locked(cfg, d, held):
     out_dir = Path(cfg.out_dir)
     micro_batch, accum = d.agree(lambda: micro_batch_for(cfg, d.world), "the batch-size check")
-    memory_line = d.agree(lambda: check_model_state_fits(cfg, d.device, d.world), "the memory check")
+    memory_line, memory_estimate = d.agree(lambda: check_fits(cfg, d.device, d.world, micro_batch), "the memory check")
     print0(d, memory_line)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -509,7 +514,7 @@ def _train_locked(cfg, d, held):
     eval_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     model.train()
     t_log, steps_since_log, t_start, start_step = time.time(), 0, time.time(), step
-    last_val = None
+    last_val, peak_reported = None, False
     while step < n_steps:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -548,6 +553,10 @@ def _train_locked(cfg, d, held):
             step_mfu = mfu.utilisation(tok_s / d.world, flops_per_token, peak)
             eta = (now - t_start) / max(1, step - start_step) * (n_steps - step)
             mem = memory_mb(d.device)
+            if not peak_reported:  # once, at the first log line: the measured peak beside the start-up estimate
+                peak_reported = True
+                print0(d, f"memory: peak {mem / 1024:,.2f} GiB measured ({memory_source(d.device)}), "
+                          f"{gib(memory_estimate.peak)} estimated")
             print0(d, f"step {step}/{n_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm.item():.3f} | "
                       f"{tok_s:,.0f} tok/s | mfu {mfu.percent(step_mfu)} | mem {mem:,.0f}MB | eta {format_eta(eta)}")
             metrics.write(dict(event="train", step=step, tokens=tokens, loss=mean_loss, lr=lr,
