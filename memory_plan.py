@@ -70,13 +70,22 @@ def model_shape(model_config):
     return ModelShape(sum(p.numel() for p in params), len(params), largest)
 
 
-def model_state_bytes(shape, world=1, fsdp=False, ddp=None, gathered_bytes=4):
-    """Bytes of weights, gradients and AdamW state per process (the formulas of the module docstring); ddp defaults
-    to world > 1 without fsdp; gathered_bytes: FSDP2's bytes per gathered parameter."""
+def model_state_terms(shape, world=1, fsdp=False, ddp=None, gathered_bytes=4):
+    """{"weights", "gradients", "optimizer"}: bytes per process (the formulas of the module docstring; DDP's buckets
+    count as gradients, FSDP2's gathered block as weights); ddp defaults to world > 1 without fsdp; gathered_bytes:
+    FSDP2's bytes per gathered parameter."""
     ddp = world > 1 and not fsdp if ddp is None else ddp
     if fsdp:
-        return 16 * shape.params // world + 4 * shape.tensors + gathered_bytes * shape.largest_block
-    return 16 * shape.params + 4 * shape.tensors + (4 * shape.params if ddp else 0)
+        shard = shape.params // world
+        return dict(weights=4 * shard + gathered_bytes * shape.largest_block, gradients=4 * shard,
+                    optimizer=8 * shard + 4 * shape.tensors)
+    return dict(weights=4 * shape.params, gradients=4 * shape.params * (2 if ddp else 1),
+                optimizer=8 * shape.params + 4 * shape.tensors)
+
+
+def model_state_bytes(shape, world=1, fsdp=False, ddp=None, gathered_bytes=4):
+    """The sum of model_state_terms."""
+    return sum(model_state_terms(shape, world, fsdp, ddp, gathered_bytes).values())
 
 
 def available_bytes(device):
@@ -167,6 +176,7 @@ class Estimate:
     micro_batch: int
     state: int
     saved: int
+    state_terms: dict
     loss_transient: int
     block_transient: int
 
@@ -196,7 +206,8 @@ def estimate(cfg, world, micro_batch, device_type, block=None, shape=None):
     B, T, C, V = micro_batch, m.block_size, m.n_embd, m.vocab_size
     tokens = B * T
     gathered = fsdp_param_dtype(cfg, torch.device(device_type)).itemsize if cfg.fsdp else 4
-    state = model_state_bytes(shape, world, cfg.fsdp, gathered_bytes=gathered)
+    terms = model_state_terms(shape, world, cfg.fsdp, gathered_bytes=gathered)
+    state = sum(terms.values())
     checkpointed = len(checkpointed_blocks(m.n_layer, cfg.activation_checkpointing))
     one_block = block.bytes(B, T)
     saved = (m.n_layer - checkpointed) * one_block + checkpointed * 4 * C * tokens
@@ -207,7 +218,7 @@ def estimate(cfg, world, micro_batch, device_type, block=None, shape=None):
     loss_transient = tokens * (12 * V + (2 * V if bf16 else 0))
     additive = split_additive(m.pos_encoding)
     work = 4 * 4 * B * m.n_head * min(m.attn_chunk_size, T) * T if additive else 0
-    return Estimate(B, state, saved, loss_transient, (one_block if checkpointed else 0) + work)
+    return Estimate(B, state, saved, terms, loss_transient, (one_block if checkpointed else 0) + work)
 
 
 def split_additive(pos_encoding):

@@ -53,6 +53,7 @@ def plan(config_path, overrides, gpus, memory, device_type="cuda"):
     lines = [f"{config_path}: {m.pos_encoding}{' + kv_shift' if m.kv_shift else ''}, "
              f"{model_shape(m).params:,} parameters, T = {m.block_size}, {layout}, dtype {cfg.dtype} on {device_type}, "
              f"activation_checkpointing={cfg.activation_checkpointing}, {gib(memory)} per GPU",
+             "model state per GPU: " + ", ".join(f"{k} {gib(v)}" for k, v in chosen.state_terms.items()),
              f"micro-batch {micro} x {accum} accumulation steps (micro_batch_size={cfg.micro_batch_size}): model state "
              f"{gib(chosen.state)} + saved activations {gib(chosen.saved)} + transient "
              f"{gib(max(chosen.loss_transient, chosen.block_transient))} = peak {gib(chosen.peak)} per GPU: "

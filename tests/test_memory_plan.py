@@ -114,6 +114,7 @@ def test_plan_prints_the_largest_micro_batch_that_fits(capsys):
     # per GPU: model state 138 MiB (DDP), activations 210 MiB per sequence of 256 tokens (the 50,304-entry logits)
     assert plan.main([path, "--gpus", "2", "--gpu-memory", "1GiB", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
+    assert "model state per GPU: weights 27.6 MiB, gradients 55.3 MiB, optimizer 55.3 MiB" in out  # DDP: 2 copies
     assert "micro-batch 8 x 1 accumulation steps (micro_batch_size=16)" in out and "DOES NOT FIT" in out
     assert "| 8 | 1 | 1.64 GiB | 1.78 GiB | no |" in out and "| 4 | 2 | 840.1 MiB | 978.2 MiB | yes |" in out
     assert "largest micro-batch that fits: 4 (--micro_batch_size=4)" in out
