@@ -49,8 +49,22 @@ def chunked_bias_attention(q, k, v, q_feats, k_feats, bias_fn, params=(), chunk=
     in q's dtype."""
     q_names, k_names = tuple(q_feats), tuple(k_feats)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
-    return _ChunkedBiasAttention.apply(bias_fn, int(chunk), scale, q_names, k_names, q, k, v,
-                                       *(q_feats[n] for n in q_names), *(k_feats[n] for n in k_names), *params)
+    distinct, slots = _distinct((*q_feats.values(), *k_feats.values()))
+    return _ChunkedBiasAttention.apply(bias_fn, int(chunk), scale, q_names, k_names, slots, q, k, v, *distinct,
+                                       *params)
+
+
+def _distinct(tensors):
+    """(the distinct tensors among `tensors` in first-seen order, and for each entry of `tensors` its index among
+    them). A tensor that is both a query and a key feature (FoX's running sum) enters the autograd Function once:
+    torch.compile cannot trace a Function that receives one tensor in two inputs."""
+    distinct, slots = [], []
+    for t in tensors:
+        slot = next((i for i, d in enumerate(distinct) if d is t), len(distinct))
+        if slot == len(distinct):
+            distinct.append(t)
+        slots.append(slot)
+    return distinct, tuple(slots)
 
 
 def _blocks(Tq, Tk, chunk):
@@ -79,12 +93,14 @@ def _block_bias(bias_fn, q_feats, k_feats, q_pos, k_pos, s, e, kend):
 class _ChunkedBiasAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, bias_fn, chunk, scale, q_names, k_names, q, k, v, *tensors):
-        """tensors: the query features, the key features (in q_names / k_names order), then the parameters."""
+    def forward(ctx, bias_fn, chunk, scale, q_names, k_names, slots, q, k, v, *tensors):
+        """tensors: the distinct feature tensors, then the parameters; feature n of q_names + k_names is
+        tensors[slots[n]]."""
         B, H, Tq, D = q.shape
         Tk = k.size(2)
-        q_feats = dict(zip(q_names, tensors[:len(q_names)]))
-        k_feats = dict(zip(k_names, tensors[len(q_names):len(q_names) + len(k_names)]))
+        feats = [tensors[i] for i in slots]
+        q_feats = dict(zip(q_names, feats[:len(q_names)]))
+        k_feats = dict(zip(k_names, feats[len(q_names):]))
         q_pos, k_pos = _positions(Tq, Tk, q.device)
         above = _above_diagonal(min(chunk, Tq), q.dtype, q.device)
         out = torch.empty(B, H, Tq, v.size(-1), dtype=q.dtype, device=q.device)
@@ -96,6 +112,7 @@ class _ChunkedBiasAttention(torch.autograd.Function):
             out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :kend], v[:, :, :kend],
                                                             attn_mask=mask, scale=scale)
         ctx.bias_fn, ctx.chunk, ctx.scale, ctx.q_names, ctx.k_names = bias_fn, chunk, scale, q_names, k_names
+        ctx.slots = slots
         device_type = q.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.save_for_backward(q, k, v, out, *tensors)
@@ -104,8 +121,10 @@ class _ChunkedBiasAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, *tensors = ctx.saved_tensors
-        nq, nk = len(ctx.q_names), len(ctx.k_names)
-        feats, params = tuple(tensors[:nq + nk]), tuple(tensors[nq + nk:])
+        nq, nk, slots = len(ctx.q_names), len(ctx.k_names), ctx.slots
+        n_distinct = max(slots) + 1 if slots else 0
+        feats = tuple(tensors[i] for i in slots)
+        params = tuple(tensors[n_distinct:])
         B, H, Tq, D = q.shape
         Tk, Dv = k.size(2), v.size(-1)
         scale = ctx.scale
@@ -120,8 +139,9 @@ class _ChunkedBiasAttention(torch.autograd.Function):
         dq3 = torch.empty_like(q3)
         dk3 = torch.zeros_like(k3)
         dv3 = torch.zeros(B * H, Tk, Dv, dtype=torch.float32, device=q.device)
-        # which features and parameters the bias must be differentiated for
-        wants = list(ctx.needs_input_grad[-len(tensors):]) if tensors else []
+        # which features (one entry per query / key feature) and parameters the bias must be differentiated for
+        needs = list(ctx.needs_input_grad[-len(tensors):]) if tensors else []
+        wants = [needs[i] for i in slots] + needs[n_distinct:]
         grads_in = [None] * len(wants)  # summed over blocks; None where the bias never depends on the input
         # two (B*H, chunk, Tk) buffers for every block's logits / dS and probabilities: fresh multi-MB tensors per
         # block would cost page faults on CPU
@@ -162,23 +182,45 @@ class _ChunkedBiasAttention(torch.autograd.Function):
                     (grads_in[i][:, :, rows] if i < nq + nk else grads_in[i]).add_(g)
             del bias
 
+        # a tensor that was both a query and a key feature gets the sum of its two gradients, as autograd would
+        # have summed them had it entered twice
+        grads_distinct = [None] * n_distinct
+        for slot, g in zip(slots, grads_in):
+            if g is not None:
+                grads_distinct[slot] = g if grads_distinct[slot] is None else grads_distinct[slot] + g
         shape4 = lambda t3, like: t3.view(B, H, t3.size(1), t3.size(2)).to(like.dtype)
-        return (None, None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v), *grads_in)
+        return (None, None, None, None, None, None, shape4(dq3, q), shape4(dk3, k), shape4(dv3, v),
+                *grads_distinct, *grads_in[nq + nk:])
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# FlexAttention (opt-in, attn_impl="flex", CUDA): for the separable biases only (model.PairwiseAdditive), whose
-# b(i, j) is an elementwise function of per-token features, so that it can be a score_mod: one compiled kernel, no
-# bias tensor at all; the gradients of the captured features and parameters are FlexAttention's (its learnable-bias
-# support). On CPU, torch 2.13 has no FlexAttention backward and its uncompiled form builds the full score matrix,
-# so the model keeps the chunked path there; the tests run this function uncompiled, forward only, against it.
+# FlexAttention (CUDA: attn_impl="auto" for ALiBi and GRAPE-A, FoX without fla, or "flex"): for the separable biases
+# (model.PairwiseAdditive), whose b(i, j) is an elementwise function of per-token features, so that it can be a
+# score_mod: one compiled kernel, no bias tensor at all; the gradients of the captured features and parameters are
+# FlexAttention's (its learnable-bias support, atomic adds: not bitwise reproducible). On CPU, torch 2.13 has no
+# FlexAttention backward and its uncompiled form builds the full score matrix, so the model keeps the chunked path
+# there; the tests run this function uncompiled, forward only, against it.
+#
+# Sequences are padded to a multiple of FLEX_BLOCK (PyTorch issue #153799: the backward of a block mask with a
+# score_mod gives NaN when the length is not a multiple of the 128-token block; padding also keeps every index a
+# score_mod reads inside its captured tensors, #150321). Exact: the padding repeats the last token's q, k, v and
+# features, a padded key lies after every real query (the causal mask hides it), and the padded queries' outputs
+# are dropped, so their cotangent is zero and they add nothing to any gradient.
+
+FLEX_BLOCK = 128  # FlexAttention's default block size, in queries and in keys
+_BLOCK_MASKS = {}  # (Tq, Tk, offset, device) -> BlockMask: built once per shape (create_block_mask is costly)
 
 
-@functools.lru_cache(maxsize=16)
-def _causal_block_mask(Tq, Tk, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-    offset = Tk - Tq
-    return create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, Tq, Tk, device=device)
+def _causal_block_mask(Tq, Tk, offset, device):
+    """Key j visible to query i iff j <= i + offset. A dict rather than functools.lru_cache: torch.compile traces
+    through an lru_cache (rebuilding the mask in every call), but reads a dict entry as a constant."""
+    key = (Tq, Tk, offset, device)
+    mask = _BLOCK_MASKS.get(key)
+    if mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+        mask = _BLOCK_MASKS[key] = create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, Tq, Tk,
+                                                     device=device)
+    return mask
 
 
 @functools.lru_cache(maxsize=1)
@@ -187,21 +229,48 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+def _pad_tokens(t, n):
+    """t (B, H, T, ...) with its last token repeated n more times along T."""
+    return t if n == 0 else torch.cat((t, t[:, :, -1:].expand(*t.shape[:2], n, *t.shape[3:])), dim=2)
+
+
+class _At:
+    """The features of one score's query or key: feats[name][index], looked up only for the names pair() reads
+    (FoX's per-step gate, a feature of its fla kernel, is never loaded by the score_mod)."""
+
+    def __init__(self, feats, index):
+        self.feats, self.index = feats, index
+
+    def __getitem__(self, name):
+        return self.feats[name][self.index]
+
+
 def flex_pairwise_attention(q, k, v, q_feats, k_feats, pair_fn, compiled=True, scale=None):
     """Causal attention with logits <q_i, k_j> * scale (default 1/sqrt(D)) + pair_fn(q_feats at i, k_feats at j,
-    i - j, head), queries
-    the last Tq of Tk positions. Features are read in fp32 (FoX's fp64 running sum included: inside the kernel
-    c_i - c_j is then an fp32 difference, as in FoX's own kernel, not re-centred per block)."""
+    i - j, head), queries the last Tq of Tk positions; q, k, v (B, H, T, D), features (B, H, T, ...); returns
+    (B, H, Tq, D) in q's dtype. Both lengths are padded to a multiple of FLEX_BLOCK (see above). Features are read
+    in fp32 (FoX's fp64 running sum included: inside the kernel c_i - c_j is then an fp32 difference, as in FoX's
+    own kernel, not re-centred per block). compiled: torch.compile's fused kernel (False: FlexAttention's
+    reference implementation, which builds the scores; forward-only on CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
     Tq, Tk = q.size(2), k.size(2)
     offset = Tk - Tq
-    qf = {n: t.float() for n, t in q_feats.items()}
-    kf = {n: t.float() for n, t in k_feats.items()}
+    pad_q, pad_k = -Tq % FLEX_BLOCK, -Tk % FLEX_BLOCK
+    q = _pad_tokens(q, pad_q)
+    k, v = _pad_tokens(k, pad_k), _pad_tokens(v, pad_k)
+    qf = {n: _pad_tokens(t.float(), pad_q) for n, t in q_feats.items()}
+    kf = {n: _pad_tokens(t.float(), pad_k) for n, t in k_feats.items()}
+    # FlexAttention's backward refuses a tensor that needs gradients read at two indices (query and key): a key
+    # feature that is the very tensor of a query feature gets its own copy
+    kf = {n: t.clone() if any(t is u for u in qf.values()) else t for n, t in kf.items()}
 
     def score_mod(score, b, h, i, j):
-        bias = pair_fn({n: t[b, h, i] for n, t in qf.items()}, {n: t[b, h, j] for n, t in kf.items()},
-                       (i + offset - j).to(torch.float32), lambda t: t[h])
+        bias = pair_fn(_At(qf, (b, h, i)), _At(kf, (b, h, j)), (i + offset - j).to(torch.float32), lambda t: t[h])
         return score + bias.to(score.dtype)
 
-    attend = _compiled_flex_attention() if compiled else flex_attention
-    return attend(q, k, v, score_mod=score_mod, block_mask=_causal_block_mask(Tq, Tk, str(q.device)), scale=scale)
+    # inside a compiled model (train.py compile=true) FlexAttention is captured as it is; eager calls take the
+    # compiled function
+    attend = flex_attention if (torch.compiler.is_compiling() or not compiled) else _compiled_flex_attention()
+    mask = _causal_block_mask(Tq + pad_q, Tk + pad_k, offset, str(q.device))
+    out = attend(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
+    return out[:, :, :Tq] if pad_q else out

@@ -38,10 +38,12 @@ The interface a PE implements (so that new PEs slot in without touching the mode
                                                 GPT.init_weights draws from N(0, sigma_h^2): each parameter in
                                                 exactly one (init_weights refuses a model where one is not).
 A PE is registered once, by name, in PE_CLASSES; ROTARY_PES, ADDITIVE_PES and SCALABLE_ROTARY_PES derive from it.
-There is exactly one attention entry point (CausalSelfAttention.attend). By default (attn_impl="chunked") it feeds
-SDPA one block of attn_chunk_size queries at a time, with that block's bias, and recomputes the bias in the backward
-(chunked_attention.py): no T x T tensor is built, kept, or saved for the backward, and the results are those of the
-dense path (attn_impl="dense": one (B, H, T, T) bias, the reference it is tested against).
+There is exactly one attention entry point (CausalSelfAttention.attend). By default (attn_impl="auto") it takes the
+fastest exact path for the device and PE (attention_path(): on CUDA, FlexAttention for ALiBi and GRAPE-A, fla's
+kernel for FoX, a Triton kernel for GRAPE-AP where installed) and otherwise the chunked path (attn_impl="chunked"),
+the reference every fused kernel is tested against: SDPA on one block of attn_chunk_size queries at a time, with
+that block's bias, recomputed in the backward (chunked_attention.py), so that no T x T tensor is built, kept, or
+saved for the backward; its results are those of the dense path (attn_impl="dense": one (B, H, T, T) bias).
 
 Conventions shared with the reference code (so that the same weights give the same logits):
     * rotation pairs are half-split, (m, m + D/2), and each pair is rotated by -phi (HF rotates by +phi);
@@ -60,6 +62,7 @@ Deliberate departures from the reference code, each exact in real arithmetic:
       are kept in fp32 (they are 8-dimensional, so this costs nothing).
 """
 
+import logging
 import math
 from dataclasses import dataclass, fields
 
@@ -73,12 +76,18 @@ try:
     from .chunked_attention import chunked_bias_attention, flex_pairwise_attention
 except ImportError:
     from chunked_attention import chunked_bias_attention, flex_pairwise_attention
+# The kernels that need optional packages (fla, Triton) are reached through fused_attention.py, which an export does
+# not ship: without it attn_impl="auto" uses the fused paths that need torch alone (FlexAttention) and the chunked one.
+try:
+    import fused_attention
+except ImportError:
+    fused_attention = None
 
 # The PE names (ROTARY_PES, ADDITIVE_PES, SCALABLE_ROTARY_PES) derive from the registry PE_CLASSES, after the PEs.
 # Evaluation-time rescalings of a RoPE spectrum (PI, NTK-aware, YaRN, and their dynamic forms; see rope_scaling()).
 ROPE_SCALINGS = ("none", "pi", "ntk", "yarn", "dynamic_ntk", "dynamic_yarn")
 GRAPE_AP_TIES = ("none", "q", "k", "v")
-ATTN_IMPLS = ("chunked", "dense", "flex")
+ATTN_IMPLS = ("auto", "chunked", "dense", "flex")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -127,12 +136,14 @@ class GPTConfig:
     grape_ap_p_head_dim: int = 8  # probe width (untied); tied probes use head_dim
     grape_ap_tie: str = "none"  # probe source: own projection c_p, or the normed q, normed k, or v
     grape_ap_query_norm: bool = False  # False = reference (raw query probe); True = paper eq. 5.1 (both normalised)
-    # How an additive PE's bias meets attention (CausalSelfAttention.attend). "chunked": exact, blocks of
-    # attn_chunk_size queries, O(B H T chunk) memory in forward and backward (chunked_attention.py); "dense": one
-    # (B, H, T, T) bias through SDPA, O(B H T^2) memory, kept as the reference the chunked path is tested against;
-    # "flex": FlexAttention with the bias as a score_mod for ALiBi, FoX and GRAPE-A on CUDA (the chunked path on
-    # CPU, for GRAPE-AP and for cached decoding).
-    attn_impl: str = "chunked"
+    # How an additive PE's bias meets attention (CausalSelfAttention.attend, attention_path). "auto": the fastest
+    # exact path for the device and PE (on CUDA for full sequences: FlexAttention for ALiBi and GRAPE-A, fla's kernel
+    # for FoX, the GRAPE-AP kernel where installed), else "chunked"; "chunked": exact, blocks of attn_chunk_size
+    # queries, O(B H T chunk) memory in forward and backward (chunked_attention.py), the reference of every fused
+    # path; "dense": one (B, H, T, T) bias through SDPA, O(B H T^2) memory, the reference of the chunked path;
+    # "flex": FlexAttention for ALiBi, FoX and GRAPE-A where "auto" could use it (else chunked). Every choice gives
+    # the same function; checkpoints written before this field existed get "auto".
+    attn_impl: str = "auto"
     attn_chunk_size: int = 128
 
     def __post_init__(self):
@@ -729,7 +740,12 @@ class RoPEID(SpectralRotary):
 
 
 class Additive(PositionalEncoding):
-    """A PE that adds a logit term b_h(i, j), built from per-token features (see bias())."""
+    """A PE that adds a logit term b_h(i, j), built from per-token features (see bias()). `fused`: the fused
+    kernels that compute this PE's attention exactly, in order of preference (attention_path() takes the first that
+    applies): "flex" (FlexAttention with pair() as the score_mod), "fla" (fla's forgetting attention), "grape_ap"
+    (kernels/grape_ap.py)."""
+
+    fused = ()
 
     def features(self, x, q, k, v, positions, cache):
         """Per-token quantities for the new tokens, laid out (B, H, T, ...): (q_feats, k_feats).
@@ -748,6 +764,8 @@ class PairwiseAdditive(Additive):
     """An additive PE whose b_h(i, j) is an elementwise function of a query's features, a key's features, the
     distance i - j and per-head constants: the separable biases (ALiBi, FoX, GRAPE-A). Its formula lives in
     pair(); bias() evaluates it on a (Tq, Tk) block by broadcasting, the FlexAttention path one score at a time."""
+
+    fused = ("flex",)
 
     def pair(self, q, k, dist, head):
         """b for per-query values q[name] and per-key values k[name] (feature entries, broadcastable against each
@@ -789,10 +807,13 @@ class FoX(PairwiseAdditive):
     b = fp32(c_i - c_r) - fp32(c_j - c_r), whose error is ~ eps (|c_i - c_r| + |c_j - c_r|). Per block of the
     chunked path that is the decay across one block near the diagonal (~1e-5 at 128 queries of f = 1/2), not over
     the whole sequence as in the dense path (one slice, r = 0); far from the diagonal it is relative to |b|.
-    (r precedes every query of the slice, so no query's bias depends on a later token, not even in rounding.)"""
+    (r precedes every query of the slice, so no query's bias depends on a later token, not even in rounding.)
+    Features: c (B, H, T) fp64 for queries and keys (decoding caches the keys'), and log_f (B, H, T) fp32 for the
+    queries, the per-step gate that fla's kernel takes (it sums its own fp32 cumsum); bias() never reads log_f."""
 
     own_init = ("fgate.bias",)
     global_init = ("fgate.weight",)
+    fused = ("fla", "flex")
 
     def __init__(self, cfg):
         super().__init__()
@@ -807,7 +828,7 @@ class FoX(PairwiseAdditive):
         c = log_f.double().cumsum(-1)
         if cache is not None and "c" in cache.feats:
             c = c + cache.feats["c"][..., -1:]
-        return {"c": c}, {"c": c}
+        return {"c": c, "log_f": log_f}, {"c": c}
 
     def pair(self, q, k, dist, head):
         return q["c"] + -k["c"]  # c_i - c_j, negating the key operand: a broadcast sum's backward copies nothing
@@ -936,6 +957,7 @@ class GrapeAP(Additive):
     i - j; decoding caches the rotated key probes R_l p^_l and pays O(t) per step."""
 
     global_init = ("c_p.weight",)
+    fused = ("grape_ap",)
 
     @classmethod
     def check(cls, cfg):
@@ -1037,6 +1059,71 @@ class KVCache:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Attention paths of the additive PEs
+
+
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_log = logging.getLogger(__name__)
+_logged = set()  # the fallback messages logged so far: each once per process
+
+
+def _head_dim_unsupported(kernel, head_dim):
+    """Why `kernel` cannot take this head dim, or None."""
+    if kernel == "flex" and not (16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0):
+        return f"head dim {head_dim} (FlexAttention: a power of two in [16, 256])"
+    if kernel == "fla" and head_dim > 256:
+        return f"head dim {head_dim} (fla: at most 256)"
+    return None
+
+
+def _kernel_unavailable(kernel):
+    """None if `kernel`'s code can run in this process, else why not (FlexAttention is torch's own)."""
+    if kernel == "flex":
+        return None
+    if fused_attention is None:
+        return "fused_attention.py is not importable (an export ships model.py and chunked_attention.py only)"
+    return fused_attention.unavailable(kernel)
+
+
+def attention_path(impl, fused, device_type, dtype, head_dim, Tq, Tk, unavailable=_kernel_unavailable):
+    """(path, why) for an additive PE's attention: path is "chunked", "dense" or a fused kernel of `fused` (the
+    PE's, in its order of preference: "flex", "fla", "grape_ap"); why is None, or the reason no fused kernel was
+    taken where impl allowed one (path is then "chunked").
+        impl "chunked" / "dense": that path;  "auto": the first kernel of `fused` that applies;
+        impl "flex": "flex" if it is in `fused` and applies.
+    A kernel applies on CUDA to a full sequence (Tq == Tk; cached decoding, Tq < Tk, is chunked) for q, k, v in
+    fp16 / bf16 / fp32, within its head-dim limits (_head_dim_unsupported), with its package importable
+    (unavailable(kernel) -> None, else the reason). Every device condition of the model's attention lives here:
+    attend() passes the facts of its tensors, the tests made-up ones."""
+    if impl in ("chunked", "dense"):
+        return impl, None
+    kernels = tuple(fused) if impl == "auto" else tuple(kernel for kernel in fused if kernel == "flex")
+    if not kernels:
+        return "chunked", None
+    if device_type != "cuda":
+        return "chunked", f"device {device_type}: the fused kernels ({', '.join(kernels)}) need CUDA"
+    if Tq != Tk:
+        return "chunked", f"cached decoding ({Tq} queries, {Tk} keys)"
+    if dtype not in FUSED_DTYPES:
+        return "chunked", f"dtype {dtype}: the fused kernels take fp16, bf16 or fp32"
+    reasons = []
+    for kernel in kernels:
+        why = _head_dim_unsupported(kernel, head_dim) or unavailable(kernel)
+        if why is None:
+            return kernel, None
+        reasons.append(f"{kernel}: {why}")
+    return "chunked", "; ".join(reasons)
+
+
+def note_fallback(pe, why, level):
+    """Log that `pe` takes the chunked path because of `why`, once per process for each (pe, why)."""
+    message = f"attention: {pe} takes the chunked path ({why})"
+    if message not in _logged:
+        _logged.add(message)
+        _log.log(level, message)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Transformer
 
 
@@ -1092,14 +1179,16 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, q_feats, k_feats, q_pos):
         """Causal softmax attention over (B, H, T, D) tensors; the queries are the last Tq of Tk positions (keys at
-        0 .. Tk-1). The single entry point for every PE. Without an additive PE: SDPA's causal kernel. With one, the
-        bias b(i, j) = additive.bias(...) is built for this call only:
-            "chunked" (default): blocks of attn_chunk_size queries, each with its (B|1, H, chunk, keys so far) bias,
+        0 .. Tk-1). The single entry point for every PE. Without an additive PE: SDPA's causal kernel. With one,
+        the path is attention_path(attn_impl, the PE's fused kernels, this call's device, dtype, head dim, Tq, Tk):
+            "chunked": blocks of attn_chunk_size queries, each with its (B|1, H, chunk, keys so far) bias,
                 recomputed in the backward (chunked_attention.py): nothing T x T exists, forward or backward;
             "dense": the whole (B|1, H, Tq, Tk) bias at once (the reference the chunked path is tested against);
-            "flex": a PairwiseAdditive's pair() as a compiled FlexAttention score_mod, on CUDA for full sequences
-                (Tq = Tk); otherwise the chunked path (torch 2.13 has no FlexAttention backward on CPU).
-        The fp32 bias reaches SDPA in q's dtype (bf16 under autocast, like the reference code)."""
+            "flex": a PairwiseAdditive's pair() as a compiled FlexAttention score_mod (CUDA, Tq = Tk);
+            "fla": FoX through fla's parallel_forgetting_attn, fed the per-step gate log_f (CUDA, Tq = Tk);
+            "grape_ap": GRAPE-AP through kernels/grape_ap.py, fed the probes and slopes (CUDA, Tq = Tk).
+        A fused path that does not apply falls back to "chunked", logged once per reason (note_fallback). The fp32
+        bias of the chunked and dense paths reaches SDPA in q's dtype (bf16 under autocast, like the reference)."""
         Tq, Tk, scale = q.size(2), k.size(2), self.scale
         if self.additive is None:
             if Tq == Tk:
@@ -1108,9 +1197,18 @@ class CausalSelfAttention(nn.Module):
                 return F.scaled_dot_product_attention(q, k, v, scale=scale)
             k_pos = torch.arange(Tk, device=q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=~causal_mask(q_pos, k_pos), scale=scale)
-        if self.attn_impl == "flex" and isinstance(self.additive, PairwiseAdditive) and Tq == Tk and q.is_cuda:
+        path, why = attention_path(self.attn_impl, self.additive.fused, q.device.type, q.dtype, q.size(-1), Tq, Tk)
+        if why is not None:  # a warning where it costs speed: on CUDA, for a full sequence
+            note_fallback(type(self.additive).__name__, why,
+                          logging.WARNING if q.is_cuda and Tq == Tk else logging.INFO)
+        if path == "flex":
             return flex_pairwise_attention(q, k, v, q_feats, k_feats, self.additive.pair, scale=scale)
-        if self.attn_impl in ("chunked", "flex"):
+        if path == "fla":
+            return fused_attention.forgetting_attention(q, k, v, q_feats["log_f"], scale)
+        if path == "grape_ap":
+            return fused_attention.grape_ap_attention(q, k, v, q_feats["p"], k_feats["p"], self.additive.slopes,
+                                                      scale)
+        if path == "chunked":
             params = [p for p in self.additive.parameters() if p.requires_grad]
             return chunked_bias_attention(q, k, v, q_feats, k_feats, self.additive.bias, params, self.attn_chunk_size,
                                           scale=scale)

@@ -159,7 +159,7 @@ def test_cached_decoding_with_small_blocks(pe):
 def test_flex_score_mod_forward_equals_chunked(pe):
     """The FlexAttention path's score_mod (the PE's pair()) gives the chunked path's output. CPU, no gradients,
     uncompiled FlexAttention (the model uses the compiled form on CUDA only); 150 queries: not a multiple of
-    FlexAttention's 128 block, nor of the chunk."""
+    FlexAttention's 128 block (padded to 256), nor of the chunk."""
     model = tiny_model(pe, kv_shift=True)
     attn = model.transformer.h[1].attn
     x = torch.randn(2, 150, attn.c_q.in_features)
@@ -184,8 +184,9 @@ def test_flex_falls_back_to_chunked_on_cpu():
     assert torch.equal(losses[0], losses[1])
 
 
-def test_default_is_chunked():
-    assert GPT(tiny_config("fox")).transformer.h[0].attn.attn_impl == "chunked"
+def test_default_is_auto_and_settings_are_checked():
+    """The default picks a path per device (tests/test_attn_auto.py); on CPU that is the chunked one."""
+    assert GPT(tiny_config("fox")).transformer.h[0].attn.attn_impl == "auto"
     with pytest.raises(ValueError, match="attn_impl"):
         tiny_config("fox", attn_impl="flash")
     with pytest.raises(ValueError, match="attn_chunk_size"):
