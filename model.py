@@ -1115,12 +1115,19 @@ def attention_path(impl, fused, device_type, dtype, head_dim, Tq, Tk, unavailabl
     return "chunked", "; ".join(reasons)
 
 
-def note_fallback(pe, why, level):
-    """Log that `pe` takes the chunked path because of `why`, once per process for each (pe, why)."""
+def note_fallback(pe, why, warn):
+    """Log that `pe` takes the chunked path because of `why`, once per process for each (pe, why): a warning where
+    it costs speed (warn), else at INFO."""
     message = f"attention: {pe} takes the chunked path ({why})"
-    if message not in _logged:
+    if message not in _logged:  # read by torch.compile as a guard: a compiled graph never reaches the logger again
         _logged.add(message)
-        _log.log(level, message)
+        _emit(message, warn)
+
+
+@torch.compiler.disable
+def _emit(message, warn):
+    """The logger call, outside torch.compile's graphs (dynamo does not trace logging.Logger methods)."""
+    (_log.warning if warn else _log.info)(message)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1199,8 +1206,7 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=~causal_mask(q_pos, k_pos), scale=scale)
         path, why = attention_path(self.attn_impl, self.additive.fused, q.device.type, q.dtype, q.size(-1), Tq, Tk)
         if why is not None:  # a warning where it costs speed: on CUDA, for a full sequence
-            note_fallback(type(self.additive).__name__, why,
-                          logging.WARNING if q.is_cuda and Tq == Tk else logging.INFO)
+            note_fallback(type(self.additive).__name__, why, warn=q.is_cuda and Tq == Tk)
         if path == "flex":
             return flex_pairwise_attention(q, k, v, q_feats, k_feats, self.additive.pair, scale=scale)
         if path == "fla":
