@@ -7,10 +7,11 @@ path with model.attention_path:
     unavailable(kernel)                                    None if "fla" / "grape_ap" can be imported here, else
                                                            the reason it cannot (one line, naming the package)
 
-Tensors are the model's (B, H, T, ...) layout in and out. fla-core and its Triton come from requirements-gpu.txt,
-installed on GPU nodes only; kernels/grape_ap.py is this repository's. Every optional import sits in a try/except
-ImportError and happens on first use, so importing this module costs nothing and needs only torch (and the
-transformers remote-code loader, which refuses unconditional imports of absent packages, accepts it).
+Tensors are the model's (B, H, T, ...) layout in and out. fla-core and Triton are in requirements.txt (on a CPU
+their kernels run only under TRITON_INTERPRET=1, as the tests run them); kernels/grape_ap.py is this repository's.
+Every optional import sits in a try/except ImportError and happens on first use, so importing this module costs
+nothing and needs only torch (and the transformers remote-code loader, which refuses unconditional imports of absent
+packages, accepts it). A machine without them (a GPU node with only its preinstalled torch) takes the other paths.
 
 Both kernels run outside torch.compile's graphs (torch.compiler.disable: one graph break per call inside a compiled
 block): their Python wrappers (autotuners, device queries, fla's contiguity and autocast decorators) are not
@@ -30,7 +31,7 @@ def _load(kernel):
             from fla.ops.forgetting_attn import parallel_forgetting_attn
             found = parallel_forgetting_attn, None
         except ImportError as e:
-            found = None, f"fla-core is not installed (pip install -r requirements-gpu.txt): {e}"
+            found = None, f"fla-core is not installed (pip install -r requirements.txt): {e}"
         except Exception as e:  # an installed fla that fails to import (e.g. a Triton it does not support)
             found = None, f"fla-core failed to import: {type(e).__name__}: {e}"
     elif kernel == "grape_ap":

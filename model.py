@@ -1073,6 +1073,8 @@ def _head_dim_unsupported(kernel, head_dim):
         return f"head dim {head_dim} (FlexAttention: a power of two in [16, 256])"
     if kernel == "fla" and head_dim > 256:
         return f"head dim {head_dim} (fla: at most 256)"
+    if kernel == "grape_ap" and head_dim > 256:
+        return f"head dim {head_dim} (kernels/grape_ap.py: at most 256)"
     return None
 
 

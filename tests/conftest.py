@@ -1,4 +1,10 @@
+import os
 from pathlib import Path
+
+# Triton kernels (kernels/grape_ap.py, fla's) run on CPU tensors under Triton's interpreter: it must be chosen before
+# Triton is first imported. Where CUDA is present the kernels run compiled (an explicit TRITON_INTERPRET wins).
+if not Path("/dev/nvidia0").exists() and not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -7,6 +13,16 @@ from data.fineweb_edu import prepare
 from data.sources import FileSource
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny tensors (pytestmark = pytest.mark.usefixtures("one_thread")): one thread is as fast, and
+    immune to the stalls a second OpenMP thread suffers when another process holds the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,7 @@ from model import ADDITIVE_PES, GPT
 ATOL = 1e-5  # fp32, on outputs and on every gradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to the stalls a second OpenMP thread suffers when
-    another process holds the other core (then this file takes minutes instead of seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = [(pe, {}) for pe in ADDITIVE_PES] + [

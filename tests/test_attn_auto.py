@@ -28,13 +28,7 @@ from test_attention_chunked import layer_run  # output, grad of x and of every p
 ATOL = 1e-5  # fp32, outputs and gradients, relative to max(1, |largest entry|) (FoX: 1e-4, see the tests)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and its sums do not change with another process's load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +99,9 @@ def test_head_dim_limits():
     assert choose(fused=("fla", "flex"), head_dim=96, missing=("fla",))[0] == "chunked"
     path, why = choose(fused=("fla", "flex"), head_dim=512)
     assert path == "chunked" and "fla: head dim 512" in why and "flex: head dim 512" in why
+    assert choose(fused=("grape_ap",), head_dim=96) == ("grape_ap", None)  # padded to 128 inside the kernel
+    path, why = choose(fused=("grape_ap",), head_dim=512)
+    assert path == "chunked" and "kernels/grape_ap.py: at most 256" in why
 
 
 def test_explicit_impls():
@@ -132,7 +129,7 @@ def test_the_real_availability_probe_names_the_package(monkeypatch):
     for name in ("fla", "kernels"):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed: import raises ImportError
     assert "fla-core is not installed" in fused_attention.unavailable("fla")
-    assert "requirements-gpu.txt" in fused_attention.unavailable("fla")
+    assert "requirements.txt" in fused_attention.unavailable("fla")
     assert "kernels/grape_ap.py is not importable" in fused_attention.unavailable("grape_ap")
     with pytest.raises(ValueError, match="unknown fused kernel"):
         fused_attention.unavailable("flash")
@@ -341,15 +338,11 @@ def test_block_mask_is_built_once_per_shape():
 
 @pytest.fixture
 def fla_interpreted(monkeypatch):
-    """fla's real kernel on the CPU: needs fla-core and Triton installed (requirements-gpu.txt; not in
-    requirements.txt) and TRITON_INTERPRET=1 set before Triton loads. Under the interpreter there is no GPU to time
-    the autotuner's candidates on, so each kernel runs its first configuration."""
+    """fla's real kernel on the CPU, under the Triton interpreter (conftest.py sets TRITON_INTERPRET=1 before Triton
+    loads). There is no GPU to time the autotuner's candidates on, so each kernel runs its first configuration."""
     if torch.cuda.is_available():
         return
-    pytest.importorskip("triton", reason="Triton is not installed (it comes with requirements-gpu.txt)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("fla's Triton kernels run on a CPU only with TRITON_INTERPRET=1 set before Triton loads")
-    pytest.importorskip("fla.ops.forgetting_attn", reason="fla-core is not installed (requirements-gpu.txt)")
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA"
     from triton.runtime import autotuner
     monkeypatch.setattr(autotuner.Autotuner, "do_bench", property(lambda self: lambda fn, quantiles: [0.0] * 3))
 
