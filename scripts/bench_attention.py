@@ -62,31 +62,48 @@ def progress(msg):
 # ---------------------------------------------------------------------------------------------------------- workers
 
 
-def make_layer(a, pe, impl):
+def split_impl(impl):
+    """"chunked+compile" -> ("chunked", True): an attn_impl and whether the layer is compiled."""
+    base, _, suffix = impl.partition("+")
+    if suffix not in ("", "compile"):
+        raise ValueError(f"unknown path {impl!r}: an attn_impl, optionally followed by +compile")
+    return base, suffix == "compile"
+
+
+def make_layer(a, pe, impl, device="cpu"):
+    """One CausalSelfAttention of the shape in `a` (n_head, n_embd, head_dim, chunk) for `pe`, in training mode.
+    impl: an attn_impl, or one followed by "+compile": the layer under torch.compile, with the chunked path's
+    autograd Function traced into the graph (trace_autograd_ops; without it the Function runs eagerly)."""
     import torch
     from model import GPT, GPTConfig
+    base, compile_it = split_impl(impl)
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=a["n_head"], n_embd=a["n_embd"], head_dim=a["head_dim"], vocab_size=64,
-                    pos_encoding=pe, attn_impl=impl, attn_chunk_size=a["chunk"])
-    return GPT(cfg).transformer.h[0].attn.train()
+                    pos_encoding=pe, attn_impl=base, attn_chunk_size=a["chunk"])
+    layer = GPT(cfg).transformer.h[0].attn.train().to(device)
+    if compile_it:
+        torch._dynamo.config.trace_autograd_ops = True
+        layer.compile()
+    return layer
 
 
 def layer_step(layer, x, grad):
     import torch
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    layer(x, torch.arange(x.size(1))).backward(grad)
+    layer(x, torch.arange(x.size(1), device=x.device)).backward(grad)
 
 
-def layer_inputs(a):
+def layer_inputs(a, device="cpu"):
     import torch
     torch.manual_seed(1)
-    x = torch.randn(a["batch"], a["T"], a["n_embd"], requires_grad=True)
+    x = torch.randn(a["batch"], a["T"], a["n_embd"], device=device, requires_grad=True)
     return x, torch.randn_like(x)
 
 
 def worker_layer_mem(a):
-    """One configuration, one forward + backward: the RSS it adds."""
+    """One configuration, one forward + backward: the RSS it adds (not for a compiled layer, whose first step's
+    peak is the compiler's)."""
     layer = make_layer(a, a["pe"], a["impl"])
     x, grad = layer_inputs(a)
     before = rss_mb()
@@ -185,12 +202,12 @@ def ratio(value, base):
     return f"{value / base:.2f}x" if base else "–"
 
 
-def layer_table(rows, seqlens):
+def layer_table(rows, seqlens, impls=("chunked", "dense")):
     head = " | ".join(f"T={T} s | x RoPE | T={T} MB | x RoPE" for T in seqlens)
     lines = [f"| PE | path | {head} |", "|---|---|" + "---|" * (4 * len(seqlens))]
     find = {(r["pe"], r["impl"], r["T"]): r for r in rows}
     for pe in PES:
-        for impl in ("chunked", "dense"):
+        for impl in impls:
             if not any((pe, impl, T) in find for T in seqlens):
                 continue
             cells = []
@@ -204,7 +221,7 @@ def layer_table(rows, seqlens):
                           ratio(t, base and base.get("time")) if t else "–",
                           f"{m:.0f}" if m is not None else r.get("mem_error", "–")[:40],
                           ratio(m, base and base.get("mem")) if m is not None else "–"]
-            path = "causal SDPA" if pe in ("rope", "nope") else impl
+            path = ("causal SDPA" + impl[len(split_impl(impl)[0]):]) if pe in ("rope", "nope") else impl
             lines.append(f"| {pe} | {path} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -246,6 +263,11 @@ def main():
     p.add_argument("--seqlens", help="layer T values (default 1024,2048,4096,8192)")
     p.add_argument("--dense-seqlens", help="dense-path T values (default 1024,2048; --full: 1024,2048,4096)")
     p.add_argument("--chunk", type=int, help="attn_chunk_size (default: GPTConfig's)")
+    p.add_argument("--impls", default="chunked,dense",
+                   help="the layer table's paths for the additive PEs: attn_impl values (auto, chunked, dense, flex), "
+                        "each optionally +compile (the layer under torch.compile, the chunked Function traced into "
+                        "its graph; time only). dense runs at --dense-seqlens, the others at --seqlens; RoPE and "
+                        "NoPE run as causal SDPA, eager and (if any path is compiled) compiled")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--n-embd", type=int, default=1024)
     p.add_argument("--n-head", type=int, default=8)
@@ -305,11 +327,20 @@ def main():
         if not args.skip_layer:
             shape = dict(chunk=chunk, batch=args.batch, n_embd=args.n_embd, n_head=args.n_head,
                          head_dim=args.head_dim)
+            impls = args.impls.split(",")
+            for impl in impls:
+                split_impl(impl)
+            sdpa = ["chunked"] + (["chunked+compile"] if any(split_impl(i)[1] for i in impls) else [])
+            table_impls = list(dict.fromkeys(impls + sdpa))
             for T in sorted(set(seqlens) | set(dense_seqlens)):
-                configs = [(pe, "chunked") for pe in pes if T in seqlens]
-                configs += [(pe, "dense") for pe in pes if pe in ADDITIVE and T in dense_seqlens]
+                configs = [(pe, impl) for impl in table_impls for pe in pes
+                           if (impl in impls if pe in ADDITIVE else impl in sdpa)
+                           and T in (dense_seqlens if split_impl(impl)[0] == "dense" else seqlens)]
                 rows = [dict(pe=pe, impl=impl, T=T) for pe, impl in configs]
                 for n, row in enumerate(rows, 1):
+                    if split_impl(row["impl"])[1]:
+                        row["mem_skipped"] = "compiled: not measured"
+                        continue
                     t0 = time.time()
                     r = run_worker("layer_mem", dict(shape, pe=row["pe"], impl=row["impl"], T=T), args.threads)
                     if "error" in r:
@@ -318,7 +349,7 @@ def main():
                         row.update(r)
                     progress(f"[T={T} {n}/{len(rows)}] memory {row['pe']}/{row['impl']}: "
                              + (row.get("mem_error") or f"+{row['mem']:.0f} MB") + f" ({time.time() - t0:.0f} s)")
-                ok = [(r["pe"], r["impl"]) for r in rows if "mem_error" not in r]
+                ok = [(r["pe"], r["impl"]) for r in rows if "mem_error" not in r]  # fits in memory
                 progress(f"[T={T}] timing {len(ok)} layers ...")
                 times = run_worker("layer_time", dict(shape, T=T, configs=ok, rounds=args.rounds), args.threads)
                 for row in rows:
@@ -331,7 +362,8 @@ def main():
             sections.append(
                 f"Attention layer, forward + backward: batch {args.batch}, n_embd {args.n_embd}, {args.n_head} heads "
                 f"of {args.head_dim}, chunk {chunk}. s = median of {args.rounds} interleaved rounds; MB = peak RSS "
-                f"added by one forward + backward in a fresh process.\n\n" + layer_table(out["layer"], seqlens))
+                f"added by one forward + backward in a fresh process (not measured for a compiled layer).\n\n"
+                + layer_table(out["layer"], seqlens, table_impls))
         if not args.skip_model:
             for shape_name, T in models:
                 spec = dict(pes=pes, T=T, batch=max(1, args.model_tokens // T), rounds=args.rounds,
@@ -343,7 +375,7 @@ def main():
                     continue
                 out["model"][f"{shape_name} T={T} B={spec['batch']}"] = r
             shapes = "; ".join(f"{k} = {v}" for k, v in MODEL_SHAPES.items())
-            sections.append(f"Tiny-model training step (forward + backward + AdamW, chunked attention, chunk {chunk}; "
+            sections.append(f"Tiny-model training step (forward + backward + AdamW, the default attn_impl, chunk {chunk}; "
                             f"{shapes}); median of {args.rounds} interleaved rounds, s per step:\n\n"
                             + model_table(out["model"]))
 

@@ -26,3 +26,28 @@ def test_bench_attention_writes_tables_and_json(tmp_path):
                          ("grape_ap", "chunked", 64), ("grape_ap", "dense", 64)}
     for r in rows.values():
         assert r["time"] > 0 and r["peak_rss"] >= r["rss_before"] and r["mem"] == r["peak_rss"] - r["rss_before"]
+
+
+@pytest.mark.slow
+def test_compiled_paths_are_timed_beside_eager(tmp_path):
+    """--impls with +compile: the additive PE's layer compiled (its chunked Function traced into the graph) and RoPE
+    eager and compiled, all timed in one run; memory is not measured for a compiled layer (its first step's peak is
+    the compiler's)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "scripts.bench_attention", "--seqlens", "64", "--skip-model", "--n-embd", "32",
+           "--n-head", "2", "--head-dim", "16", "--rounds", "1", "--pes", "rope,grape_ap", "--threads", "1",
+           "--impls", "chunked,chunked+compile", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| rope | causal SDPA+compile |" in done.stdout and "| grape_ap | chunked+compile |" in done.stdout
+    rows = {(r["pe"], r["impl"]): r for r in json.loads(out.read_text())["layer"]}
+    assert set(rows) == {(pe, impl) for pe in ("rope", "grape_ap") for impl in ("chunked", "chunked+compile")}
+    assert all(r["time"] > 0 for r in rows.values())
+    assert "mem" not in rows[("grape_ap", "chunked+compile")] and rows[("grape_ap", "chunked")]["mem"] >= 0
+
+
+def test_unknown_path_suffix_is_refused():
+    from scripts.bench_attention import split_impl
+    assert split_impl("chunked+compile") == ("chunked", True) and split_impl("auto") == ("auto", False)
+    with pytest.raises(ValueError, match="unknown path 'chunked\\+fast'"):
+        split_impl("chunked+fast")
