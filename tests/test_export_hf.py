@@ -1,6 +1,7 @@
-"""scripts/export_hf.py: the exported transformers model computes our logits (Qwen3 for QK-norm before rotation, Llama
-without QK-norm, SmolLM3 for NoPE), the tokenizer encodes like tiktoken's GPT-2, and configurations without a
-transformers architecture are refused with a reason."""
+"""scripts/export_hf.py's built-in mappings: the exported transformers model computes our logits (Qwen3 for QK-norm
+before rotation, Llama without QK-norm, SmolLM3 for NoPE), the tokenizer encodes like tiktoken's GPT-2, and a
+configuration without an exact built-in class gets the reason, and the remote-code export instead
+(tests/test_export_remote.py tests that one)."""
 
 import json
 
@@ -88,7 +89,17 @@ def test_unexportable_configs_are_refused(kw, match):
         export_hf.architecture(GPTConfig(**{**TINY, **kw}))
 
 
-def test_cli_reports_refusal(tmp_path, capsys):
+def test_cli_exports_remote_code_where_no_builtin_class_is_exact(tmp_path, capsys):
+    """The reference order (rotate, then normalise) has no built-in class: the CLI exports it as remote code and
+    says why on the card; --remote-code does the same for a configuration that has one."""
     ckpt = save_model_only(random_model(pos_encoding="rope"), tmp_path / "run")
-    assert export_hf.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 2
-    assert "reference order" in capsys.readouterr().err
+    assert export_hf.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert "wrote GrapeForCausalLM" in capsys.readouterr().out
+    info = json.loads((tmp_path / "hf" / "export_info.json").read_text())
+    assert info["remote_code"] and "reference order" in info["why_remote_code"]
+    assert "reference order" in (tmp_path / "hf" / "README.md").read_text()
+    qwen3 = save_model_only(random_model(pos_encoding="rope", qk_norm_before_rotary=True), tmp_path / "run_qwen3")
+    assert export_hf.main(["--checkpoint", str(qwen3), "--out", str(tmp_path / "hf_builtin")]) == 0
+    assert "wrote Qwen3ForCausalLM" in capsys.readouterr().out
+    assert export_hf.main(["--checkpoint", str(qwen3), "--out", str(tmp_path / "hf_remote"), "--remote-code"]) == 0
+    assert "wrote GrapeForCausalLM" in capsys.readouterr().out
