@@ -29,6 +29,8 @@ product runs in TF32x3 (about fp32's accuracy) on a GPU: the path sum adds up to
 interpreter (TRITON_INTERPRET=1, CPU tensors, how the tests run it) every product is exact fp32.
 Shapes: q, k (B, H, T, D), v (B, H, T, Dv), p_q, p_k (B, H, T, d_p), alpha (H,); any strides with a unit last one;
 D, Dv, d_p up to 256 (padded to a power of two of at least 16 inside the kernel).
+Tiles: 64 x 64 on a GPU (4 warps forward, 8 backward), untuned; scripts/gpu_check.py checks and times the kernel on
+a GPU, tests/test_grape_ap_kernel.py checks it under the interpreter.
 """
 
 import torch
@@ -304,7 +306,8 @@ class _GrapeAPAttention(torch.autograd.Function):
         dpq = torch.empty(B, H, T, DP, dtype=torch.float32, device=q.device)
         dpk = torch.empty_like(dpq)
         d_alpha = torch.empty(B * H, NM, dtype=torch.float32, device=q.device)
-        meta = _meta(q, D, DV, DP, block_m, block_n)
+        # 8 warps: a backward program holds two fp32 (block, D) accumulators beside its tiles
+        meta = _meta(q, D, DV, DP, block_m, block_n, num_warps=8)
         strides = _strides(q, k, v, p_q, p_k, d_out)
         _backward_dq[(NM, B * H)](q, k, v, p_q, p_k, alpha, d_out, lse, delta, dq, dpq, d_alpha, snap_psi, snap_ds,
                                   *strides, H, T, D, DV, DP, NB, NM, ctx.scale, 1.0 / DP, **meta)
@@ -314,7 +317,7 @@ class _GrapeAPAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpq, dpk, d_slopes, None, None, None
 
 
-def _meta(q, D, DV, DP, block_m, block_n):
+def _meta(q, D, DV, DP, block_m, block_n, num_warps=4):
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"grape_ap_attention: {name} = {size}: expected a power of two of at least 16")
@@ -322,4 +325,4 @@ def _meta(q, D, DV, DP, block_m, block_n):
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BD=_width(D), BDV=_width(DV), BDP=_width(DP),
                 PRECISION=FLOAT32_PRECISION if on_gpu else "ieee",  # read for fp32 operands only
                 PROBE_PRECISION="tf32x3" if on_gpu else "ieee",
-                **(dict(num_warps=4, num_stages=2) if on_gpu else {}))
+                **(dict(num_warps=num_warps, num_stages=2) if on_gpu else {}))

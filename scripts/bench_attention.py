@@ -82,7 +82,8 @@ def make_layer(a, pe, impl, device="cpu"):
                     pos_encoding=pe, attn_impl=base, attn_chunk_size=a["chunk"])
     layer = GPT(cfg).transformer.h[0].attn.train().to(device)
     if compile_it:
-        torch._dynamo.config.trace_autograd_ops = True
+        if hasattr(torch._dynamo.config, "trace_autograd_ops"):  # a torch without it runs the Function eagerly
+            torch._dynamo.config.trace_autograd_ops = True
         layer.compile()
     return layer
 

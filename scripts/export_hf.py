@@ -219,7 +219,8 @@ def generation_config(cfg):
 
 
 def gpt2_tokenizer(model_max_length):
-    """GPT-2's tokenizer for transformers, from the verified local vocab.bpe / encoder.json (no network)."""
+    """GPT-2's tokenizer for transformers, from the verified local vocab.bpe / encoder.json (no network); its padding
+    token is end-of-text (GPT-2 has none), so a batch pads without further set-up."""
     from transformers import GPT2Tokenizer
 
     d = local_bpe_dir()
@@ -229,7 +230,7 @@ def gpt2_tokenizer(model_max_length):
         verify_bpe_file(d / name, name)
     vocab = json.loads((d / "encoder.json").read_text(encoding="utf-8"))
     merges = [tuple(line.split(" ")) for line in (d / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:] if line]
-    return GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return GPT2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token="<|endoftext|>")
 
 
 TOKEN_NOTES = {

@@ -75,7 +75,7 @@ def test_tokenizer_matches_tiktoken(tmp_path):
     for text in ["Question: Which gas do plants take in?\nAnswer: carbon dioxide", "  spaces,\n\n\ttabs  ",
                  "Ünïcödé 你好 3.14159 it's <|endoftext|> done"]:
         assert tok.encode(text) == enc.encode(text, allowed_special={"<|endoftext|>"})
-    assert tok.eos_token_id == 50256 and tok.bos_token_id == 50256
+    assert tok.eos_token_id == tok.bos_token_id == tok.pad_token_id == 50256
 
 
 @pytest.mark.parametrize("kw, match", [

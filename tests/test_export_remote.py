@@ -245,6 +245,12 @@ def test_a_trained_run_exports_with_its_results_on_the_card(shards, tmp_path):
     text = "The history of science is the study of the development of science."
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)  # config.json's auto_map asks for it
     assert tokenizer(text)["input_ids"] == gpt2_encoding().encode(text)
+    prompts = ["The history of", "A short prompt that is longer"]  # the card's batched generation, left-padded
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    new = greedy(hf, batch["input_ids"], attention_mask=batch["attention_mask"])
+    for row, prompt in zip(new, prompts):
+        ids = torch.tensor([gpt2_encoding().encode(prompt)])
+        assert torch.equal(row, model.generate(ids, NEW_TOKENS)[0, ids.size(1):]), prompt
     card = (out / "README.md").read_text()
     val = train_metrics(run, "val")[-1]
     assert val["step"] == 6 and f"Validation loss at step 6" in card and f"**{val['val_loss']:.4f}**" in card
