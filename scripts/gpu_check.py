@@ -21,8 +21,8 @@ The checks and measurements of attn_impl="auto" that need a GPU, in one command 
     and peak memory per PE.
 Every item is skipped, and listed as skipped, when the time left is below its expected cost; a watchdog writes what
 exists and stops the process at the limit. Results: OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (the tables, also
-printed); an existing result is not replaced without --force. Needs torch (2.11 or later) with its Triton and, for FoX's fla path,
-fla-core (requirements.txt; without it FoX runs on FlexAttention); nothing is downloaded.
+printed); an existing result is not replaced without --force. Needs torch (2.11 or later) with its Triton and, for
+FoX's fla path, fla-core (requirements.txt; without it FoX runs on FlexAttention); nothing is downloaded.
 """
 
 import argparse
