@@ -126,10 +126,11 @@ def test_graph_breaks(pe):
 @pytest.mark.parametrize("pe", ["fox", "grape_ap"])
 def test_chunked_function_traced_whole(pe):
     """With trace_autograd_ops the chunked Function (forward loop and backward) is inside one graph per block, and
-    the compiled step still equals the eager one."""
+    the compiled step still equals the eager one (aot_eager: inductor's C++ compile of the unrolled query-block loop
+    costs ~15 s per encoding on an empty cache and tests nothing dynamo's capture does not)."""
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         assert block_breaks(pe) == (1, set())
         torch._dynamo.reset()
         model = tiny_model(pe, kv_shift=True).train()
         idx = torch.randint(0, 97, (2, 33))
-        assert_step_equal(train_step(copy.deepcopy(model), idx), train_step(compiled(model), idx))
+        assert_step_equal(train_step(copy.deepcopy(model), idx), train_step(compiled(model, "aot_eager"), idx))
