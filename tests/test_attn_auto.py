@@ -163,11 +163,12 @@ def assert_same(a, b, tol):
 
 
 def causal_softmax_attention(q, k, v, bias, scale):
-    """softmax(q k^T scale + bias, causal) v in (B, H, T, D), written out (no SDPA)."""
-    T = q.size(2)
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale + bias
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return (s.softmax(-1) @ v.float()).to(q.dtype)
+    """softmax(q k^T scale + bias, causal) v in (B, H, T, D), written out (no SDPA), in fp32 or the inputs' wider
+    dtype (fp64 stays fp64), returned in q's dtype."""
+    T, dtype = q.size(2), torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale + bias
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (s.softmax(-1) @ v.to(dtype)).to(q.dtype)
 
 
 def reference_forgetting_attn(q, k, v, g, scale=None, window_size=None, cu_seqlens=None):
@@ -184,7 +185,7 @@ def reference_grape_ap_attention(q, k, v, p_q, p_k, slopes, scale):
     """GRAPE-AP from its formula (GRAPE paper §5): b(t, j) = sum_{l=j+1..t} s_h logsigmoid(<p_q,t, p_k,l> / d_p)."""
     T, d_p = q.size(2), p_q.size(-1)
     psi = slopes[:, None, None] * F.logsigmoid(p_q @ p_k.transpose(-1, -2) / d_p)  # (B, H, t, l)
-    psi = psi.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 0.0)
+    psi = psi.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), 0.0)
     bias = psi.flip(-1).cumsum(-1).flip(-1) - psi  # sum over l > j
     return causal_softmax_attention(q, k, v, bias, scale)
 

@@ -1,7 +1,7 @@
 """kernels/grape_ap.py, the Triton kernel of GRAPE-AP (forward and both backward passes), run on the CPU by Triton's
 interpreter (conftest.py sets TRITON_INTERPRET=1; every product is then exact fp32):
 
-- against GRAPE-AP's formula in fp64 (dense T x T, written out here): the output and the gradients of q, k, v, both
+- against GRAPE-AP's formula in fp64 (dense T x T, test_attn_auto's reference): the output and the gradients of q, k, v, both
   probes and the slopes, at T = 1, 63, 200, 256 (one and several blocks, ragged last blocks, query and key tiles of
   different sizes) and on strided inputs, the model's transposed (B, T, H, D) views;
 - inside the model (attn_impl="auto" choosing the kernel as on CUDA): one attention layer against the chunked path,
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import fused_attention
 from helpers import tiny_model
 from test_attn_auto import assert_same, fake_cuda
+from test_attn_auto import reference_grape_ap_attention as formula  # GRAPE-AP from its definition, dense
 from test_attention_chunked import layer_run
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(), "conftest.py sets TRITON_INTERPRET=1"
@@ -28,16 +29,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def formula(q, k, v, p_q, p_k, slopes, scale):
-    """GRAPE-AP from its definition: b(t, j) = sum_{l=j+1..t} s_h logsigmoid(<p_q,t, p_k,l> / d_p), dense."""
-    T, d_p = q.size(2), p_q.size(-1)
-    above = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    psi = (slopes[:, None, None] * F.logsigmoid(p_q @ p_k.transpose(-1, -2) / d_p)).masked_fill(above, 0.0)
-    bias = psi.flip(-1).cumsum(-1).flip(-1) - psi
-    s = (q @ k.transpose(-1, -2) * scale + bias).masked_fill(above, float("-inf"))
-    return s.softmax(-1) @ v
 
 
 def inputs(B, H, T, D, d_p, generator):
