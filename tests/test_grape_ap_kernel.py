@@ -1,9 +1,9 @@
 """kernels/grape_ap.py, the Triton kernel of GRAPE-AP (forward and both backward passes), run on the CPU by Triton's
 interpreter (conftest.py sets TRITON_INTERPRET=1; every product is then exact fp32):
 
-- against GRAPE-AP's formula in fp64 (dense T x T, test_attn_auto's reference): the output and the gradients of q, k, v, both
-  probes and the slopes, at T = 1, 63, 200, 256 (one and several blocks, ragged last blocks, query and key tiles of
-  different sizes) and on strided inputs, the model's transposed (B, T, H, D) views;
+- against GRAPE-AP's formula in fp64 (dense T x T, test_attn_auto's reference): the output and the gradients of q,
+  k, v, both probes and the slopes, at T = 1, 63, 200, 256 (one and several blocks, ragged last blocks, query and
+  key tiles of different sizes) and on strided inputs, the model's transposed (B, T, H, D) views;
 - inside the model (attn_impl="auto" choosing the kernel as on CUDA): one attention layer against the chunked path,
   output and every parameter's gradient, with KV-shift, tied and normalised probes and the grape_m+grape_ap
   composition; and a whole model's loss and gradients.
